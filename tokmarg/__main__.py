@@ -1,0 +1,3 @@
+from tokmarg.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""The `tokmarg` command line: parse, build the config, call the library, print."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Calibrated per-category confidence for generative LLM safety classifiers.")
+
+DEFAULT_DATASET = "datasets/sample.jsonl"
+DEFAULT_PARAMS = "params.yaml"
+HEADLINE_COLS = ("f1_micro", "hamming_loss", "roc_auc_micro", "f1_macro", "pr_auc_micro", "ece",
+                 "tokens_forwarded_per_sample", "seconds_per_sample")
+
+
+def _fail(msg: str) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from tokmarg.config import ConfigError
+    from tokmarg.data import DataError
+    from tokmarg.models import ModelError
+    from tokmarg.prompts import PromptError
+    from tokmarg.runner import RunError
+    from tokmarg.strategies import UnknownStrategy
+
+    return ConfigError, DataError, ModelError, PromptError, RunError, UnknownStrategy
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v for item in values for v in item.replace(",", " ").split() if v]
+
+
+@app.command("strategies")
+def strategies_cmd() -> None:
+    """List the strategies and what each computes."""
+    from tokmarg.strategies import REGISTRY
+
+    for s in REGISTRY.values():
+        typer.echo(f"{s.name:38s} {s.kind:12s} {s.doc.splitlines()[0] if s.doc else ''}")
+
+
+@app.command("validate")
+def validate_cmd(
+    dataset: Annotated[Path, typer.Option(help="JSONL dataset")] = Path(DEFAULT_DATASET),
+    params: Annotated[Path, typer.Option(help="params.yaml")] = Path(DEFAULT_PARAMS),
+    models: Annotated[list[str] | None, typer.Option(help="model names (preset, HF id or directory)")] = None,
+    strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="skip invalid dataset lines")] = False,
+) -> None:
+    """Check a dataset and a params file without loading a model."""
+    from tokmarg.config import build_config
+    from tokmarg.data import load_dataset
+
+    try:
+        cfg = build_config(params, _split(models), _split(strategies))
+        ds = load_dataset(dataset, cfg.taxonomy, skip_invalid=skip_invalid)
+    except _user_errors() as e:
+        raise _fail(str(e)) from None
+    safe = sum(1 for s in ds.samples if not s.labels)
+    typer.echo(f"{params}: ok ({len(cfg.strategies)} strategies, semantics {cfg.semantics}, "
+               f"models {', '.join(m.name for m in cfg.models)})")
+    typer.echo(f"{dataset}: ok ({len(ds.samples)} samples, {safe} safe, {ds.n_skipped} skipped, "
+               f"taxonomy {cfg.taxonomy.name}, sha256 {ds.sha256[:12]})")
+
+
+@app.command("eval")
+def eval_cmd(
+    models: Annotated[list[str] | None, typer.Option(help="models: preset, HF id or local dir (default: embedded SmolLM2)")] = None,
+    dataset: Annotated[Path, typer.Option(help="JSONL dataset")] = Path(DEFAULT_DATASET),
+    params: Annotated[Path, typer.Option(help="params.yaml")] = Path(DEFAULT_PARAMS),
+    strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies (default: all in params)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
+    semantics: Annotated[str | None, typer.Option(help="exact | paper (overrides params)")] = None,
+    engine: Annotated[str, typer.Option(help="reference")] = "reference",
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    skip_invalid: Annotated[bool, typer.Option(help="skip invalid dataset lines (counted in the manifest)")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow a model's own Python code (unsafe)")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints (unsafe)")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Score a dataset with every strategy and print the strategy x metric table."""
+    from tokmarg.config import build_config
+    from tokmarg.data import load_dataset
+    from tokmarg.runner import run_eval
+
+    out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        cfg = build_config(params, _split(models), _split(strategies), semantics, device, dtype)
+        ds = load_dataset(dataset, cfg.taxonomy, skip_invalid=skip_invalid, limit=limit)
+        metrics, manifest = run_eval(
+            cfg, ds, out, engine=engine, command=shlex.join(["tokmarg", *sys.argv[1:]]),
+            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
+        )
+    except _user_errors() as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; no run directory written") from None
+    _print_table(metrics, manifest)
+    typer.echo(f"run directory: {out}")
+
+
+def _print_table(metrics: object, manifest: dict) -> None:
+    import pandas as pd
+
+    df: pd.DataFrame = metrics  # type: ignore[assignment]
+    typer.echo(f"\nsemantics={manifest['semantics']} engine={manifest['engine']} n_samples={manifest['n_samples']} "
+               f"dataset={manifest['dataset']}")
+    typer.echo(f"note: {manifest['calibration_note']}")
+    cols = [c for c in HEADLINE_COLS if c in df.columns]
+    for model, g in df.groupby("model", sort=False):
+        typer.echo(f"\nmodel: {model}")
+        t = g.set_index("strategy")[cols].rename(columns={"tokens_forwarded_per_sample": "tokens/sample",
+                                                         "seconds_per_sample": "s/sample"})
+        typer.echo(t.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

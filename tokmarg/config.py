@@ -1,0 +1,172 @@
+"""One validated config: params.yaml + CLI choices -> :class:`Config`.
+
+Precedence for a strategy parameter of one model (highest first):
+``models.<m>.strategies.<s>.<key>`` > ``models.<m>.<key>`` > ``strategies.<s>.<key>`` >
+the built-in default of :class:`~tokmarg.strategies.StrategyParams`.
+Every error is one line naming the file and key and saying what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from tokmarg.models import DEFAULT_MODEL, DTYPES
+from tokmarg.prompts import BUILTIN_FORMATS
+from tokmarg.strategies import REGISTRY, SEMANTICS, StrategyParams
+from tokmarg.strategies.uncertainty import CALIBRATIONS
+from tokmarg.taxonomy import BUILTIN, Taxonomy, TaxonomyError, get_taxonomy, taxonomy_from_mapping
+
+PARAM_KEYS = tuple(f.name for f in fields(StrategyParams))
+TOP_KEYS = ("semantics", "calibration", "taxonomy", "taxonomies", "prompt", "strategies", "models", "seed")
+MODEL_KEYS = ("prompt", "taxonomy", "answer_prefix", "device", "dtype", "strategies", *PARAM_KEYS)
+
+
+class ConfigError(ValueError):
+    """Invalid params or CLI choice; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    prompt: str  # "guard", "instruct" or a template path
+    taxonomy: Taxonomy
+    answer_prefix: str  # text the model writes before safe/unsafe (e.g. "\n\n" for Llama Guard 3)
+    device: str
+    dtype: str
+    params: dict[str, StrategyParams]  # strategy -> resolved params
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    raw: dict
+    semantics: str
+    calibration: str
+    taxonomy: Taxonomy  # the dataset's taxonomy
+    strategies: tuple[str, ...]
+    models: tuple[ModelConfig, ...]
+    seed: int
+
+
+def _choice(where: str, value: object, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+    return str(value)
+
+
+def _mapping(where: str, value: object, allowed: Sequence[str] | None = None) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    if allowed is not None:
+        for key in value:
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _param(where: str, key: str, value: object) -> float | int:
+    if key == "max_new_tokens":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{key}: {value!r} must be an integer >= 1")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}.{key}: {value!r} must be a number")
+    ok = {"top_p": 0 < value <= 1, "eps": 0 <= value < 1, "threshold": 0 <= value <= 1}[key]
+    if not ok:
+        rng = {"top_p": "0 < top_p <= 1", "eps": "0 <= eps < 1", "threshold": "0 <= threshold <= 1"}[key]
+        raise ConfigError(f"{where}.{key}: {value!r} out of range ({rng})")
+    return float(value)
+
+
+def _params(where: str, value: object) -> dict[str, float | int]:
+    return {k: _param(where, k, v) for k, v in _mapping(where, value, PARAM_KEYS).items()}
+
+
+def load_params(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such params file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return _mapping(str(p), raw, TOP_KEYS)
+
+
+def build_config(
+    path: str | Path,
+    models: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    semantics: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Config:
+    """Validate params.yaml and the CLI choices into one :class:`Config`."""
+    f = str(path)
+    raw = load_params(path)
+    sem = _choice("--semantics" if semantics else f"{f}: semantics", semantics or raw.get("semantics", "exact"), SEMANTICS)
+    cal = _choice(f"{f}: calibration", raw.get("calibration", "transductive"), CALIBRATIONS)
+    custom: dict[str, Taxonomy] = {}
+    for name, spec in _mapping(f"{f}: taxonomies", raw.get("taxonomies")).items():
+        if name in BUILTIN:
+            raise ConfigError(f"{f}: taxonomies.{name}: shadows a built-in taxonomy")
+        try:
+            custom[name] = taxonomy_from_mapping(name, spec, f"{f}: taxonomies.{name}")
+        except TaxonomyError as e:
+            raise ConfigError(str(e)) from None
+
+    def tax(where: str, name: object) -> Taxonomy:
+        try:
+            return get_taxonomy(str(name), custom)
+        except TaxonomyError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    taxonomy = tax(f"{f}: taxonomy", raw.get("taxonomy", "llama_guard_3"))
+    default_prompt = str(raw.get("prompt", "instruct"))
+    strat_raw = _mapping(f"{f}: strategies", raw.get("strategies"))
+    for name in strat_raw:
+        if name not in REGISTRY:
+            raise ConfigError(f"{f}: strategies.{name}: unknown strategy; known: {', '.join(REGISTRY)}")
+    base = {s: _params(f"{f}: strategies.{s}", strat_raw.get(s)) for s in REGISTRY}
+    chosen = list(strategies) if strategies else [s for s in REGISTRY if not strat_raw or s in strat_raw]
+    for s in chosen:
+        if s not in REGISTRY:
+            raise ConfigError(f"--strategies: unknown strategy {s!r}; known: {', '.join(REGISTRY)}")
+    chosen = [s for s in REGISTRY if s in chosen]  # registry order, no duplicates
+
+    model_raw = _mapping(f"{f}: models", raw.get("models"))
+    built = []
+    for name in models or [DEFAULT_MODEL]:
+        where = f"{f}: models.{name}"
+        entry = _mapping(where, model_raw.get(name), MODEL_KEYS)
+        shared = _params(where, {k: v for k, v in entry.items() if k in PARAM_KEYS})
+        per = _mapping(f"{where}.strategies", entry.get("strategies"))
+        for s in per:
+            if s not in REGISTRY:
+                raise ConfigError(f"{where}.strategies.{s}: unknown strategy; known: {', '.join(REGISTRY)}")
+        resolved = {
+            s: StrategyParams(**{**base[s], **shared, **_params(f"{where}.strategies.{s}", per.get(s))}) for s in chosen
+        }
+        prompt = str(entry.get("prompt", default_prompt))
+        if prompt not in BUILTIN_FORMATS and not Path(prompt).is_file():
+            raise ConfigError(f"{where}.prompt: {prompt!r} is not guard, instruct or an existing template file")
+        m_tax = tax(f"{where}.taxonomy", entry.get("taxonomy", taxonomy.name))
+        if set(taxonomy.codes) - set(m_tax.codes):
+            raise ConfigError(f"{where}.taxonomy: {m_tax.name} lacks codes of the dataset taxonomy {taxonomy.name}")
+        built.append(
+            ModelConfig(
+                name, prompt, m_tax, str(entry.get("answer_prefix", "")),
+                str(entry.get("device", device)), _choice(f"{where}.dtype", entry.get("dtype", dtype), list(DTYPES)),
+                resolved,
+            )
+        )
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{f}: seed: {seed!r} must be an integer")
+    return Config(f, raw, sem, cal, taxonomy, tuple(chosen), tuple(built), seed)

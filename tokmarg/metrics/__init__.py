@@ -1,0 +1,38 @@
+"""Metrics of tokmarg (SPEC §3, §4) and the uncertainty threshold of SPEC §2.
+
+Pure functions over arrays and DataFrames: no model, no file I/O, no printing.
+"""
+
+from tokmarg.metrics.bootstrap import bootstrap_headline, weighted_micro_auc
+from tokmarg.metrics.core import (
+    ECE_BINS,
+    HEADLINE,
+    binarize,
+    brier_score,
+    compute_metrics,
+    expected_calibration_error,
+)
+from tokmarg.metrics.tables import (
+    f1_threshold_curve,
+    generalization_table,
+    ranking_agreement,
+    threshold_transfer,
+)
+from tokmarg.metrics.uncertainty import choose_k, t_opti
+
+__all__ = [
+    "ECE_BINS",
+    "HEADLINE",
+    "binarize",
+    "bootstrap_headline",
+    "brier_score",
+    "choose_k",
+    "compute_metrics",
+    "expected_calibration_error",
+    "f1_threshold_curve",
+    "generalization_table",
+    "ranking_agreement",
+    "t_opti",
+    "threshold_transfer",
+    "weighted_micro_auc",
+]

@@ -1,0 +1,196 @@
+"""Per (model, strategy) metrics: classification, ranking, calibration, binary view, CIs (SPEC §3).
+
+Everything here is a pure function of arrays: no model, no file I/O, no printing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from tokmarg.metrics.bootstrap import bootstrap_headline
+
+HEADLINE: tuple[str, ...] = ("f1_micro", "hamming_loss", "roc_auc_micro")
+ECE_BINS = 15
+
+
+def binarize(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Turn scores into positives.
+
+    Args:
+        scores: (n, k) float array of per-code scores.
+        threshold: a score ``>= threshold`` is a positive.
+
+    Returns:
+        (n, k) bool array.
+    """
+    return np.asarray(scores, dtype=float) >= threshold
+
+
+def _f1_from_counts(tp: float, fp: float, fn: float) -> float:
+    """F1 = 2tp / (2tp + fp + fn); 0 when the denominator is 0 (sklearn ``zero_division=0``)."""
+    denom = 2.0 * tp + fp + fn
+    return float(2.0 * tp / denom) if denom > 0 else 0.0
+
+
+def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """ROC AUC of binary labels ``y`` (m,) against scores ``s`` (m,); NaN when ``y`` is one class."""
+    y = np.asarray(y, dtype=bool)
+    if y.size == 0 or y.all() or not y.any():
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(roc_auc_score(y, s))
+
+
+def _safe_ap(y: np.ndarray, s: np.ndarray) -> float:
+    """Average precision of ``y`` (m,) against ``s`` (m,); NaN when ``y`` has no positive (undefined)."""
+    y = np.asarray(y, dtype=bool)
+    if y.size == 0 or not y.any():
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(average_precision_score(y, s))
+
+
+def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error over all flattened (sample, code) pairs.
+
+    Bins are ``n_bins`` equal-width intervals on [0, 1]: [0, 1/B), [1/B, 2/B), ..., [(B-1)/B, 1]
+    (the last one closed). ECE = sum_b |B_b| / N * |mean(score in b) - mean(y in b)|.
+
+    Args:
+        y_true: (n, k) or (m,) bool/0-1 labels.
+        y_score: same shape, float scores in [0, 1].
+
+    Returns:
+        The ECE as a float; NaN for empty input.
+    """
+    y = np.asarray(y_true, dtype=float).ravel()
+    s = np.asarray(y_score, dtype=float).ravel()
+    if s.size == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
+    sum_s = np.bincount(idx, weights=s, minlength=n_bins)
+    sum_y = np.bincount(idx, weights=y, minlength=n_bins)
+    # |B|/N * |sum_s/|B| - sum_y/|B|| == |sum_s - sum_y| / N  (empty bins contribute 0)
+    return float(np.abs(sum_s - sum_y).sum() / s.size)
+
+
+def brier_score(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Mean squared error between scores and 0/1 labels over all flattened pairs (NaN if empty)."""
+    y = np.asarray(y_true, dtype=float).ravel()
+    s = np.asarray(y_score, dtype=float).ravel()
+    return float(np.mean((s - y) ** 2)) if s.size else float("nan")
+
+
+def _binary_view(
+    unsafe_true: np.ndarray, unsafe_score: np.ndarray | None, unsafe_pred: np.ndarray | None
+) -> dict[str, float]:
+    """Binary safe/unsafe metrics: ``unsafe_f1``, ``unsafe_pr_auc``, ``unsafe_fpr``."""
+    yt = np.asarray(unsafe_true, dtype=bool).ravel()
+    if unsafe_pred is not None:
+        yp: np.ndarray | None = np.asarray(unsafe_pred, dtype=bool).ravel()
+    elif unsafe_score is not None:
+        yp = np.asarray(unsafe_score, dtype=float).ravel() >= 0.5
+    else:
+        yp = None
+    for name, arr in (("unsafe_pred", yp), ("unsafe_score", unsafe_score)):
+        if arr is not None and np.asarray(arr).ravel().shape != yt.shape:
+            raise ValueError(f"{name} must have shape {yt.shape}")
+    out = {"unsafe_f1": float("nan"), "unsafe_pr_auc": float("nan"), "unsafe_fpr": float("nan")}
+    if yp is not None:
+        out["unsafe_f1"] = _f1_from_counts((yt & yp).sum(), (~yt & yp).sum(), (yt & ~yp).sum())
+        safe = ~yt
+        if safe.any():
+            out["unsafe_fpr"] = float(yp[safe].mean())
+    if unsafe_score is not None:
+        out["unsafe_pr_auc"] = _safe_ap(yt, np.asarray(unsafe_score, dtype=float).ravel())
+    return out
+
+
+def compute_metrics(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    y_score: np.ndarray | None,
+    *,
+    codes: Sequence[str],
+    unsafe_true: np.ndarray | None = None,
+    unsafe_score: np.ndarray | None = None,
+    unsafe_pred: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """All SPEC §3 metrics for one (model, strategy).
+
+    Args:
+        y_true: (n, k) bool, true taxonomy codes (k = len(codes); never 'unsafe').
+        y_pred: (n, k) bool, predicted codes (binarized scores or a strategy's predicted codes).
+        y_score: (n, k) float in [0, 1] (missing scores already 0), or None for strategies without scores.
+        codes: the k code names, used in the per-code keys.
+        unsafe_true: (n,) bool, row has any label; given only when the data has safe rows.
+        unsafe_score: (n,) float score of 'unsafe', optional.
+        unsafe_pred: (n,) bool, predicted unsafe; defaults to ``unsafe_score >= 0.5``.
+        n_boot: bootstrap resamples for the headline CIs (0 gives NaN CIs).
+        seed: seed of ``np.random.default_rng`` for the bootstrap.
+
+    Returns:
+        Flat dict: ``n_samples``, ``f1_micro``, ``f1_macro``, ``hamming_loss``, ``roc_auc_micro``,
+        ``pr_auc_micro``, ``ece``, ``brier``, ``f1/<code>``, ``roc_auc/<code>``, the ``unsafe_*`` keys when
+        ``unsafe_true`` is given, and ``<m>_lo`` / ``<m>_hi`` for each ``m`` in ``HEADLINE``.
+        Undefined values are NaN (ROC AUC when y_true is one class, PR AUC without positives, every
+        score-based metric when ``y_score`` is None).
+    """
+    yt = np.asarray(y_true, dtype=bool)
+    yp = np.asarray(y_pred, dtype=bool)
+    k = len(codes)
+    if yt.ndim != 2 or yt.shape[1] != k:
+        raise ValueError(f"y_true must have shape (n, {k}), got {yt.shape}")
+    if yp.shape != yt.shape:
+        raise ValueError(f"y_pred shape {yp.shape} != y_true shape {yt.shape}")
+    ys: np.ndarray | None = None
+    if y_score is not None:
+        ys = np.asarray(y_score, dtype=float)
+        if ys.shape != yt.shape:
+            raise ValueError(f"y_score shape {ys.shape} != y_true shape {yt.shape}")
+    n = yt.shape[0]
+    nan = float("nan")
+
+    tp_c = (yt & yp).sum(axis=0)
+    fp_c = (~yt & yp).sum(axis=0)
+    fn_c = (yt & ~yp).sum(axis=0)
+    per_f1 = [_f1_from_counts(tp_c[j], fp_c[j], fn_c[j]) for j in range(k)]
+    out: dict[str, float] = {
+        "n_samples": n,
+        "f1_micro": _f1_from_counts(tp_c.sum(), fp_c.sum(), fn_c.sum()),
+        "f1_macro": float(np.mean(per_f1)) if k else nan,
+        "hamming_loss": float(np.mean(yt != yp)) if yt.size else nan,
+    }
+    if ys is not None:
+        out["roc_auc_micro"] = _safe_auc(yt.ravel(), ys.ravel())
+        out["pr_auc_micro"] = _safe_ap(yt.ravel(), ys.ravel())
+        out["ece"] = expected_calibration_error(yt, ys)
+        out["brier"] = brier_score(yt, ys)
+    else:
+        out.update(roc_auc_micro=nan, pr_auc_micro=nan, ece=nan, brier=nan)
+    for j, code in enumerate(codes):
+        out[f"f1/{code}"] = per_f1[j]
+        out[f"roc_auc/{code}"] = _safe_auc(yt[:, j], ys[:, j]) if ys is not None else nan
+
+    if unsafe_true is not None:
+        if np.asarray(unsafe_true).ravel().shape != (n,):
+            raise ValueError(f"unsafe_true must have shape ({n},)")
+        out.update(_binary_view(unsafe_true, unsafe_score, unsafe_pred))
+
+    cis = bootstrap_headline(yt, yp, ys, n_boot=n_boot, seed=seed)
+    for m in HEADLINE:
+        lo, hi = cis[m]
+        if np.isnan(out[m]):
+            lo, hi = nan, nan
+        out[f"{m}_lo"] = lo
+        out[f"{m}_hi"] = hi
+    return out

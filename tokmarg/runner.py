@@ -1,0 +1,231 @@
+"""`tokmarg eval` on one process: score every sample with every strategy, then reduce.
+
+Writes the run directory of SPEC §6 atomically: everything goes to a hidden sibling
+directory that is renamed to ``out`` only when complete, so a failed run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from tokmarg.config import Config, ModelConfig
+from tokmarg.data import Dataset
+from tokmarg.metrics import compute_metrics
+from tokmarg.models import load_model, model_view
+from tokmarg.prompts import load_format, prompt_ids, render
+from tokmarg.strategies import REGISTRY, Context, Query, SampleOutput
+from tokmarg.strategies.reference import CountingLM
+from tokmarg.strategies.uncertainty import finalize
+
+ENGINES = ("reference",)
+TRANSDUCTIVE_NOTE = "t_opti of the uncertainty strategies is fitted on the evaluated set's own labels (as the paper)"
+SPLIT_NOTE = "t_opti of the uncertainty strategies is cross-fitted on 2 held-out halves (seeded)"
+
+
+class RunError(RuntimeError):
+    """The run cannot start or finish; one line."""
+
+
+@dataclass
+class ModelRun:
+    rows: list[dict]
+    seconds: dict[str, float]  # strategy -> wall seconds
+    thresholds: dict[str, dict[str, float]]  # uncertainty strategy -> fitted t_opti
+    load_seconds: float
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def score_model(
+    mc: ModelConfig, cfg: Config, ds: Dataset, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+    progress: bool = True,
+) -> ModelRun:
+    """Load one model and run every configured strategy on every sample."""
+    t0 = time.perf_counter()
+    lm = load_model(mc.name, mc.device, mc.dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    labels = cfg.taxonomy.labels
+    info, tokens = model_view(lm, cfg.taxonomy.codes)
+    fmt = load_format(mc.prompt)
+    load_s = time.perf_counter() - t0
+    counting = CountingLM(lm.forward)
+    outs: dict[str, list[SampleOutput]] = {s: [] for s in cfg.strategies}
+    seconds = dict.fromkeys(cfg.strategies, 0.0)
+    bars = {
+        s: tqdm(total=len(ds.samples), desc=f"{mc.name} {s}"[:60].ljust(60), position=i, leave=True,
+                disable=not progress, file=sys.stderr, mininterval=0.5)
+        for i, s in enumerate(cfg.strategies)
+    }
+    try:
+        for sample in ds.samples:
+            ids = prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, sample, mc.taxonomy, mc.answer_prefix))
+            query = Query(sample.id, ids, labels, ds.has_safe)
+            counting.reset()  # the memo never spans samples
+            for s in cfg.strategies:
+                before, t1 = counting.tokens, time.perf_counter()
+                out = REGISTRY[s].run(Context(counting, info, tokens, query, mc.params[s], cfg.semantics))
+                out.tokens_forwarded = counting.tokens - before
+                seconds[s] += time.perf_counter() - t1
+                outs[s].append(out)
+                bars[s].update(1)
+    finally:
+        for b in bars.values():
+            b.close()
+    truth = [s.labels for s in ds.samples]
+    thresholds = {
+        s: finalize(outs[s], truth, cfg.calibration, cfg.seed) for s in cfg.strategies if REGISTRY[s].kind == "uncertainty"
+    }
+    rows = [
+        _row(mc.name, s, sample, out) for s in cfg.strategies for sample, out in zip(ds.samples, outs[s])
+    ]
+    return ModelRun(rows, seconds, thresholds, load_s)
+
+
+def _row(model: str, strategy: str, sample: object, o: SampleOutput) -> dict:
+    return {
+        "model": model,
+        "strategy": strategy,
+        "sample_id": sample.id,  # type: ignore[attr-defined]
+        "true_labels": list(sample.labels),  # type: ignore[attr-defined]
+        "scores": None if o.scores is None else json.dumps(o.scores),
+        "pred_labels": list(o.pred_labels),
+        "unexplored_mass": o.unexplored_mass,
+        "unexplored_by_label": None if o.unexplored_by_label is None else json.dumps(o.unexplored_by_label),
+        "greedy_text": o.greedy_text,
+        "uncertainty": o.uncertainty,
+        "ranked": None if o.ranked is None else list(o.ranked),
+        "gate_unsafe": o.gate_unsafe,
+        "tokens_forwarded": int(o.tokens_forwarded),
+        "extra": json.dumps(o.extra) if o.extra else None,
+    }
+
+
+def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 1000) -> pd.DataFrame:
+    """predictions -> one metrics row per model x strategy (SPEC §3)."""
+    codes = list(cfg.taxonomy.codes)
+    order = {s.id: i for i, s in enumerate(ds.samples)}
+    y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
+    has_safe = ds.has_safe
+    out = []
+    params = {m.name: m.params for m in cfg.models}
+    for (model, strategy), g in pred.groupby(["model", "strategy"], sort=False):
+        g = g.iloc[np.argsort([order[i] for i in g["sample_id"]])]
+        kind = REGISTRY[strategy].kind
+        thr = params[model][strategy].threshold
+        scores = [json.loads(s) if isinstance(s, str) else None for s in g["scores"]]
+        has_scores = any(s is not None for s in scores)
+        y_score = np.array([[(s or {}).get(c, 0.0) for c in codes] for s in scores]) if has_scores else None
+        if kind == "scores":
+            y_pred = y_score >= thr if y_score is not None else np.zeros_like(y_true)
+        else:
+            y_pred = np.array([[c in set(p) for c in codes] for p in g["pred_labels"]], dtype=bool)
+        u_kw: dict = {}
+        if has_safe:
+            u_score = np.array([(s or {}).get("unsafe", 0.0) for s in scores]) if has_scores else None
+            u_pred = (u_score >= thr) if kind == "scores" and u_score is not None else y_pred.any(axis=1)
+            u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
+        m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=cfg.seed, **u_kw)
+        fwd = g["tokens_forwarded"].to_numpy()
+        out.append({"model": model, "strategy": strategy, "threshold": thr, **m,
+                    "tokens_forwarded_per_sample": float(fwd.mean()) if len(fwd) else 0.0})
+    return pd.DataFrame(out)
+
+
+def versions() -> dict[str, str]:
+    pkgs = ("tokmarg", "torch", "transformers", "accelerate", "pandas", "pyarrow", "scikit-learn", "gguf")
+    out = {"python": platform.python_version()}
+    for p in pkgs:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def _resolved(mc: ModelConfig) -> dict:
+    return {"prompt": mc.prompt, "taxonomy": mc.taxonomy.name, "answer_prefix": mc.answer_prefix,
+            "device": mc.device, "dtype": mc.dtype, "params": {s: vars(p) for s, p in mc.params.items()}}
+
+
+def run_eval(
+    cfg: Config, ds: Dataset, out: Path, *, engine: str = "reference", command: str = "",
+    trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True,
+    on_model_done: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Evaluate every model and write the run directory ``out``; returns (metrics, manifest)."""
+    if engine not in ENGINES:
+        raise RunError(f"--engine {engine!r} is not available; available: {', '.join(ENGINES)}")
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"{out}: run directory exists and is not empty; choose another --out")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "predictions").mkdir(parents=True)
+    try:
+        frames, timing = [], {}
+        thresholds: dict[str, dict] = {}
+        for mc in cfg.models:
+            run = score_model(mc, cfg, ds, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                              progress=progress)
+            df = pd.DataFrame(run.rows)
+            df.to_parquet(tmp / "predictions" / f"{slug(mc.name)}.parquet", index=False)
+            frames.append(df)
+            timing[mc.name] = {"load_seconds": run.load_seconds, "strategy_seconds": run.seconds}
+            thresholds[mc.name] = run.thresholds
+            if on_model_done:
+                on_model_done(mc.name)
+        pred = pd.concat(frames, ignore_index=True)
+        metrics = metrics_table(pred, cfg, ds)
+        metrics["seconds_per_sample"] = [
+            timing[m]["strategy_seconds"][s] / max(1, len(ds.samples)) for m, s in zip(metrics.model, metrics.strategy)
+        ]
+        metrics.to_csv(tmp / "metrics.csv", index=False)
+        manifest = {
+            "command": command,
+            "models": [m.name for m in cfg.models],
+            "strategies": list(cfg.strategies),
+            "semantics": cfg.semantics,
+            "engine": engine,
+            "calibration": cfg.calibration,
+            "calibration_note": TRANSDUCTIVE_NOTE if cfg.calibration == "transductive" else SPLIT_NOTE,
+            "t_opti": thresholds,
+            "params_file": cfg.path,
+            "params": cfg.raw,
+            "resolved": {m.name: _resolved(m) for m in cfg.models},
+            "taxonomy": cfg.taxonomy.name,
+            "dataset": ds.path,
+            "dataset_sha256": ds.sha256,
+            "n_samples": len(ds.samples),
+            "n_skipped": ds.n_skipped,
+            "skipped": list(ds.skipped),
+            "timing": timing,
+            "tokens_forwarded": {m: int(g.sum()) for m, g in pred.groupby("model")["tokens_forwarded"]},
+            "versions": versions(),
+            "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+            "started": started,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metrics, manifest

@@ -1,0 +1,141 @@
+"""Records at the engine boundary and the strategy registry.
+
+An engine turns one :class:`Query` into one :class:`SampleOutput` per strategy. The
+model layer is seen only through :class:`TokenLM` (token ids -> next-token logits) and
+:class:`TokenInfo` (what each token id looks like as text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+SEMANTICS = ("exact", "paper")
+
+
+class TokenLM(Protocol):
+    def __call__(self, ids: Sequence[int]) -> torch.Tensor:
+        """Raw next-token logits after ``ids``: (vocab,) float32."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Tokenizer facts the strategies need, precomputed once per model.
+
+    ``token_texts[i]``: the text token ``i`` adds when it follows other text ('' for special
+    tokens); ``standalone[i]``: ``decode([i])`` (the paper's nucleus keys); ``boundary``
+    (vocab,) bool: the token does not continue a word; ``decode(ids, skip_special)``.
+    """
+
+    token_texts: tuple[str, ...]
+    standalone: tuple[str, ...]
+    eos_ids: frozenset[int]
+    boundary: torch.Tensor
+    decode: Callable[[Sequence[int], bool], str]
+
+
+@dataclass(frozen=True)
+class ModelTokens:
+    """Per-model token facts about the labels.
+
+    ``forced_prefix``: token ids of the forced prefix (``unsafe\\nS``) appended to a prompt;
+    ``code_rest[code]``: (exact) the ids of the code after the forced prefix, e.g. for
+    SmolLM2 ``S14`` -> ``('1', '4')`` ids; ``code_paper_id[code]``: (paper)
+    ``encode(code)[1]``; ``verdict_ids``: (exact) full ids of ``safe`` / ``unsafe``;
+    ``verdict_first``: (paper) ``encode(word)[0]`` of each.
+    """
+
+    forced_prefix: tuple[int, ...]
+    code_rest: dict[str, tuple[int, ...]]
+    code_paper_id: dict[str, int]
+    verdict_ids: dict[str, tuple[int, ...]]
+    verdict_first: dict[str, int]
+
+
+@dataclass(frozen=True)
+class StrategyParams:
+    top_p: float = 0.99
+    max_new_tokens: int = 50
+    eps: float = 0.01
+    threshold: float = 0.2
+
+
+@dataclass(frozen=True)
+class Query:
+    """One sample as one model sees it."""
+
+    sample_id: str
+    prompt_ids: tuple[int, ...]  # generation prompt, as the chat template wrote it
+    labels: tuple[str, ...]  # "unsafe" + taxonomy codes
+    gate: bool  # dataset has safe rows: forced-prefix strategies decide safe/unsafe first
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return self.labels[1:]
+
+
+@dataclass
+class SampleOutput:
+    """What one strategy says about one sample (the engine boundary record)."""
+
+    scores: dict[str, float] | None = None  # label -> score; None: strategy gives no scores
+    pred_labels: tuple[str, ...] = ()  # predicted codes (filled by finalize for uncertainty)
+    unexplored_mass: float | None = None
+    unexplored_by_label: dict[str, float] | None = None
+    greedy_text: str | None = None
+    tokens_forwarded: int = 0
+    uncertainty: float | None = None  # u of the uncertainty strategies
+    ranked: tuple[str, ...] | None = None  # codes by evidence, best first
+    gate_unsafe: bool | None = None  # verdict of the safe/unsafe gate (None: no gate)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy: ``run(ctx) -> SampleOutput`` per sample.
+
+    ``kind``: ``scores`` (thresholded scores), ``codes`` (predicted codes only) or
+    ``uncertainty`` (codes chosen by a dataset-level threshold, see ``uncertainty.finalize``).
+    """
+
+    name: str
+    kind: str
+    run: Callable[[Context], SampleOutput]
+    doc: str
+
+
+@dataclass
+class Context:
+    lm: TokenLM
+    info: TokenInfo
+    tokens: ModelTokens
+    query: Query
+    params: StrategyParams
+    semantics: str
+
+
+REGISTRY: dict[str, Strategy] = {}
+
+
+def register(name: str, kind: str) -> Callable[[Callable[[Context], SampleOutput]], Callable[[Context], SampleOutput]]:
+    def deco(fn: Callable[[Context], SampleOutput]) -> Callable[[Context], SampleOutput]:
+        if name in REGISTRY:
+            raise ValueError(f"strategy {name!r} registered twice")
+        REGISTRY[name] = Strategy(name, kind, fn, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+class UnknownStrategy(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in REGISTRY:
+        raise UnknownStrategy(f"unknown strategy {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]

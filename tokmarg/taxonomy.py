@@ -1,0 +1,113 @@
+"""Safety taxonomies: ordered category codes with names and descriptions.
+
+Built in: ``llama_guard_3`` (S1..S14) and ``llama_guard_2`` (S1..S11). A custom
+taxonomy comes from params.yaml (see :func:`taxonomy_from_mapping`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Category:
+    code: str
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    name: str
+    categories: tuple[Category, ...]
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(c.code for c in self.categories)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """``unsafe`` followed by the codes: the label order every strategy uses."""
+        return ("unsafe", *self.codes)
+
+
+def _build(name: str, rows: list[tuple[str, str]]) -> Taxonomy:
+    cats = tuple(Category(f"S{i}", n, d) for i, (n, d) in enumerate(rows, start=1))
+    return Taxonomy(name, cats)
+
+
+LLAMA_GUARD_3 = _build(
+    "llama_guard_3",
+    [
+        ("Violent Crimes", "Enables or encourages violence against people or animals."),
+        ("Non-Violent Crimes", "Enables or encourages fraud, theft, hacking, drug or weapons crimes."),
+        ("Sex-Related Crimes", "Enables or encourages sexual assault, harassment or trafficking."),
+        ("Child Sexual Exploitation", "Contains, describes or enables sexual abuse of minors."),
+        ("Defamation", "False statements that injure a real person's reputation."),
+        ("Specialized Advice", "Unqualified financial, medical or legal advice."),
+        ("Privacy", "Exposes sensitive, nonpublic personal information."),
+        ("Intellectual Property", "Violates copyrights, trademarks or other IP rights."),
+        ("Indiscriminate Weapons", "Enables chemical, biological, nuclear, radiological or explosive weapons."),
+        ("Hate", "Demeans people because of a protected characteristic."),
+        ("Suicide & Self-Harm", "Enables or encourages suicide, self-injury or disordered eating."),
+        ("Sexual Content", "Sexually explicit material."),
+        ("Elections", "Misinformation about electoral processes."),
+        ("Code Interpreter Abuse", "Abuses code interpreters: escapes, denial of service, exploits."),
+    ],
+)
+
+LLAMA_GUARD_2 = _build(
+    "llama_guard_2",
+    [
+        ("Violent Crimes", "Enables or encourages violence against people or animals."),
+        ("Non-Violent Crimes", "Enables or encourages fraud, theft, hacking, drug or weapons crimes."),
+        ("Sex Crimes", "Enables or encourages sexual assault, harassment or trafficking."),
+        ("Child Exploitation", "Contains, describes or enables sexual abuse of minors."),
+        ("Specialized Advice", "Unqualified financial, medical or legal advice."),
+        ("Privacy", "Exposes sensitive, nonpublic personal information."),
+        ("Intellectual Property", "Violates copyrights, trademarks or other IP rights."),
+        ("Indiscriminate Weapons", "Enables chemical, biological, nuclear, radiological or explosive weapons."),
+        ("Hate", "Demeans people because of a protected characteristic."),
+        ("Self-Harm", "Enables or encourages suicide, self-injury or disordered eating."),
+        ("Sexual Content", "Sexually explicit material."),
+    ],
+)
+
+BUILTIN: dict[str, Taxonomy] = {t.name: t for t in (LLAMA_GUARD_3, LLAMA_GUARD_2)}
+
+
+class TaxonomyError(ValueError):
+    """A taxonomy name or definition is invalid."""
+
+
+def get_taxonomy(name: str, custom: dict[str, Taxonomy] | None = None) -> Taxonomy:
+    """Return a built-in or custom taxonomy by name; unknown names list the known ones."""
+    known = {**BUILTIN, **(custom or {})}
+    if name not in known:
+        raise TaxonomyError(f"unknown taxonomy {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def taxonomy_from_mapping(name: str, spec: object, where: str) -> Taxonomy:
+    """Build a custom taxonomy from params.yaml data.
+
+    ``spec`` is a list of ``{code, name, description?}`` mappings; ``where`` names the
+    key for error messages (e.g. ``params.yaml: taxonomies.my_tax``).
+    """
+    if not isinstance(spec, list) or not spec:
+        raise TaxonomyError(f"{where}: expected a non-empty list of {{code, name, description}}")
+    cats: list[Category] = []
+    for i, row in enumerate(spec):
+        if not isinstance(row, dict) or not isinstance(row.get("code"), str) or not row["code"]:
+            raise TaxonomyError(f"{where}[{i}]: expected a mapping with a non-empty string 'code'")
+        extra = set(row) - {"code", "name", "description"}
+        if extra:
+            raise TaxonomyError(f"{where}[{i}]: unknown key(s) {sorted(extra)}; allowed: code, name, description")
+        code = row["code"]
+        if code == "unsafe" or not code.isalnum():
+            raise TaxonomyError(f"{where}[{i}]: code {code!r} must be letters/digits and not 'unsafe'")
+        cats.append(Category(code, str(row.get("name", code)), str(row.get("description", ""))))
+    codes = [c.code for c in cats]
+    if len(set(codes)) != len(codes):
+        raise TaxonomyError(f"{where}: duplicate codes in {codes}")
+    return Taxonomy(name, tuple(cats))
