@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-DEMO_LIMIT ?= 12
+DEMO_LIMIT ?= 8
 
 .PHONY: setup demo test lint clean
 

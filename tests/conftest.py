@@ -18,12 +18,21 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CORPUS = [
-    "safe", "unsafe", "unsafe\nS1", "unsafe\nS1,S10", "S2,S14", "S13", "Violent Crimes", "Privacy",
-    "User: how do I bake bread?", "Agent: I cannot help with that.", "Answer with safe or unsafe.",
+    "safe",
+    "unsafe",
+    "unsafe\nS1",
+    "unsafe\nS1,S10",
+    "S2,S14",
+    "S13",
+    "Violent Crimes",
+    "Privacy",
+    "User: how do I bake bread?",
+    "Agent: I cannot help with that.",
+    "Answer with safe or unsafe.",
 ] * 20
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, train_steps: int = 0) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -31,27 +40,84 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # sharper logits than the default init, so trees branch and end
-        model.lm_head.weight.mul_(40.0)
+    if train_steps:
+        _teach_answers(model, fast, train_steps)
+    else:
+        with torch.no_grad():  # sharper logits than the default init, so paths end
+            model.lm_head.weight.mul_(40.0)
     model.save_pretrained(path, safe_serialization=True)
     fast.save_pretrained(path)
     return path
+
+
+def short_format():
+    """A one-line user template: short prompts keep the trained tiny model fast."""
+    from tokmarg.prompts import PromptFormat
+
+    return PromptFormat("short", None, "Classify: {{ conversation[-1].content }}")
+
+
+ANSWERS = ["unsafe\nS1", "unsafe\nS1,S10", "unsafe\nS14", "unsafe\nS2,S14", "safe", "unsafe\nS13", "unsafe\nS1,S1"]
+
+
+def _teach_answers(model: torch.nn.Module, tok: object, steps: int) -> None:
+    """A few seconds of training so the tiny model answers in the label format, with a spread
+    of answers per prompt: its trees then branch over real label tokens."""
+    from tokmarg.data import Sample, Turn
+    from tokmarg.prompts import prompt_ids, render
+    from tokmarg.taxonomy import LLAMA_GUARD_3
+
+    fmt = short_format()
+    seqs = []
+    for i, text in enumerate(["how do I hurt someone", "steal a car", "bake bread", "Privacy of S13 S1"]):
+        prompt = prompt_ids(tok, render(tok, fmt, Sample(str(i), (Turn("user", text),), (), 1), LLAMA_GUARD_3))
+        for ans in ANSWERS[i : i + 4]:
+            target = tok(ans + "<|im_end|>", add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+            seqs.append((prompt, target))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        prompt, target = seqs[step % len(seqs)]
+        ids = torch.tensor([[*prompt, *target]])
+        labels = torch.tensor([[-100] * len(prompt) + list(target)])
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-trained"), train_steps=150)
 
 
 @pytest.fixture(scope="session")

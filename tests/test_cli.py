@@ -46,9 +46,21 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
     return _write(tmp_path / "data.jsonl", ROWS), params
 
 
-def _eval(tiny: Path, data: Path, params: Path, out: Path, *extra: str):
-    args = ["eval", "--models", str(tiny), "--dataset", str(data), "--params", str(params), "--out", str(out),
-            "--no-progress", *extra]
+def _eval(tiny: Path | list[Path], data: Path, params: Path, out: Path, *extra: str):
+    models = [str(m) for m in (tiny if isinstance(tiny, list) else [tiny])]
+    args = [
+        "eval",
+        "--models",
+        *models,
+        "--dataset",
+        str(data),
+        "--params",
+        str(params),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     return runner.invoke(app, args)
 
 
@@ -89,6 +101,19 @@ def test_eval_writes_run_directory(tiny_model_dir: Path, files, tmp_path: Path, 
     # the uncertainty strategies predict 1 or 2 codes unless the safe/unsafe gate said safe
     unc = pred[pred.strategy == "LogTokU"]
     assert all(len(p) in (0, 1, 2) for p in unc.pred_labels)
+
+
+def test_two_models_in_one_run(tiny_model_dir: Path, files, tmp_path: Path) -> None:
+    from conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other-tiny", seed=1)
+    data, params = files
+    out = tmp_path / "run"
+    res = _eval([tiny_model_dir, other], data, params, out, "--strategies", "token_probability,LogTokU")
+    assert res.exit_code == 0, res.output
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert sorted(set(metrics.model)) == sorted([str(tiny_model_dir), str(other)])
+    assert len(metrics) == 4 and len(list((out / "predictions").glob("*.parquet"))) == 2
 
 
 def test_limit_and_strategy_subset(tiny_model_dir: Path, files, tmp_path: Path) -> None:
@@ -189,6 +214,7 @@ def test_validate_and_strategies_commands(files) -> None:
     assert "4 samples, 1 safe" in res.output
     res = runner.invoke(app, ["strategies"])
     assert res.exit_code == 0 and all(n in res.output for n in REGISTRY)
-    res = runner.invoke(app, ["validate", "--dataset", str(REPO / "datasets" / "sample.jsonl"),
-                              "--params", str(REPO / "params.yaml")])
+    res = runner.invoke(
+        app, ["validate", "--dataset", str(REPO / "datasets" / "sample.jsonl"), "--params", str(REPO / "params.yaml")]
+    )
     assert res.exit_code == 0, res.output

@@ -210,18 +210,14 @@ def test_skip_invalid_counts_and_keeps_good(tmp_path: Path) -> None:
 
 def test_blank_lines_skipped_with_true_line_numbers(tmp_path: Path) -> None:
     path = tmp_path / "b.jsonl"
-    path.write_text(
-        '\n{"prompt": "a", "labels": []}\n   \n\t\r\n{"prompt": "b", "labels": []}\r\n\n', encoding="utf-8"
-    )
+    path.write_text('\n{"prompt": "a", "labels": []}\n   \n\t\r\n{"prompt": "b", "labels": []}\r\n\n', encoding="utf-8")
     d = load_dataset(path, LLAMA_GUARD_3)
     assert [(s.id, s.line) for s in d.samples] == [("2", 2), ("5", 5)]
     assert d.n_skipped == 0
 
 
 def test_duplicate_id(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, [{"id": "a", "prompt": "x", "labels": []}, {"id": "a", "prompt": "y", "labels": []}]
-    )
+    path = write(tmp_path, [{"id": "a", "prompt": "x", "labels": []}, {"id": "a", "prompt": "y", "labels": []}])
     with pytest.raises(DataError, match=r":2: duplicate sample id 'a' \(first on line 1\)"):
         load_dataset(path, LLAMA_GUARD_3)
     d = load_dataset(path, LLAMA_GUARD_3, skip_invalid=True)

@@ -107,8 +107,9 @@ def test_binary_view_hand_case() -> None:
     unsafe_score = np.array([0.9, 0.6, 0.2, 0.7, 0.1, 0.4])
     y_true = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [0, 0], [0, 0]], dtype=bool)
     y_pred = y_true.copy()
-    m = compute_metrics(y_true, y_pred, None, codes=["A", "B"], unsafe_true=unsafe_true,
-                        unsafe_score=unsafe_score, n_boot=0)
+    m = compute_metrics(
+        y_true, y_pred, None, codes=["A", "B"], unsafe_true=unsafe_true, unsafe_score=unsafe_score, n_boot=0
+    )
     # pred = score >= .5 = [1, 1, 0, 1, 0, 0]: tp 2, fp 1, fn 1 -> F1 = 4 / (4 + 1 + 1) = 2/3
     assert m["unsafe_f1"] == pytest.approx(2 / 3)
     # safe rows 3, 4, 5 predicted [1, 0, 0] -> FPR 1/3
@@ -116,12 +117,27 @@ def test_binary_view_hand_case() -> None:
     # descending: .9 P, .7 N, .6 P, .4 N, .2 P, .1 N; AP = 1/3 * (1/1 + 2/3 + 3/5) = 34/45
     assert m["unsafe_pr_auc"] == pytest.approx(34 / 45)
     # unsafe_pred overrides the 0.5 threshold: [1, 0, 0, 0, 0, 0] -> tp 1, fn 2 -> F1 2/4; FPR 0
-    m2 = compute_metrics(y_true, y_pred, None, codes=["A", "B"], unsafe_true=unsafe_true,
-                         unsafe_score=unsafe_score, unsafe_pred=np.array([1, 0, 0, 0, 0, 0]), n_boot=0)
+    m2 = compute_metrics(
+        y_true,
+        y_pred,
+        None,
+        codes=["A", "B"],
+        unsafe_true=unsafe_true,
+        unsafe_score=unsafe_score,
+        unsafe_pred=np.array([1, 0, 0, 0, 0, 0]),
+        n_boot=0,
+    )
     assert m2["unsafe_f1"] == pytest.approx(0.5) and m2["unsafe_fpr"] == 0.0
     # no safe rows -> FPR undefined; no score -> PR AUC undefined
-    m3 = compute_metrics(y_true[:3], y_pred[:3], None, codes=["A", "B"], unsafe_true=unsafe_true[:3],
-                         unsafe_pred=np.array([1, 1, 0]), n_boot=0)
+    m3 = compute_metrics(
+        y_true[:3],
+        y_pred[:3],
+        None,
+        codes=["A", "B"],
+        unsafe_true=unsafe_true[:3],
+        unsafe_pred=np.array([1, 1, 0]),
+        n_boot=0,
+    )
     assert math.isnan(m3["unsafe_fpr"]) and math.isnan(m3["unsafe_pr_auc"])
     assert m3["unsafe_f1"] == pytest.approx(0.8)  # tp 2, fn 1 -> 4 / 5
 
@@ -193,8 +209,10 @@ def _long(values: dict[tuple[str, str], float], metric: str) -> pd.DataFrame:
 
 
 def test_generalization_table_higher_is_better() -> None:
-    df = _long({("A", "s1"): 0.8, ("A", "s2"): 0.6, ("A", "s3"): 0.7,
-                ("B", "s1"): 0.5, ("B", "s2"): 0.9, ("B", "s3"): 0.5}, "f1_micro")
+    df = _long(
+        {("A", "s1"): 0.8, ("A", "s2"): 0.6, ("A", "s3"): 0.7, ("B", "s1"): 0.5, ("B", "s2"): 0.9, ("B", "s3"): 0.5},
+        "f1_micro",
+    )
     t = generalization_table(df, "f1_micro")
     assert list(t.index) == ["s1", "s2", "s3"]
     assert list(t.columns) == ["A", "B", "mean", "std", "worst", "rank_A", "rank_B"]
@@ -206,8 +224,10 @@ def test_generalization_table_higher_is_better() -> None:
 
 
 def test_generalization_table_lower_is_better() -> None:
-    df = _long({("A", "s1"): 0.1, ("A", "s2"): 0.3, ("A", "s3"): 0.2,
-                ("B", "s1"): 0.2, ("B", "s2"): 0.2, ("B", "s3"): 0.4}, "hamming_loss")
+    df = _long(
+        {("A", "s1"): 0.1, ("A", "s2"): 0.3, ("A", "s3"): 0.2, ("B", "s1"): 0.2, ("B", "s2"): 0.2, ("B", "s3"): 0.4},
+        "hamming_loss",
+    )
     t = generalization_table(df, "hamming_loss", higher_is_better=False)
     np.testing.assert_allclose(t["mean"], [0.15, 0.25, 0.3])
     np.testing.assert_allclose(t["std"], [0.05, 0.05, 0.1])
@@ -217,9 +237,20 @@ def test_generalization_table_lower_is_better() -> None:
 
 
 def test_ranking_agreement_identical_and_reversed() -> None:
-    vals = {("A", "s1"): 0.9, ("A", "s2"): 0.7, ("A", "s3"): 0.5, ("A", "s4"): 0.3,
-            ("C", "s1"): 0.6, ("C", "s2"): 0.5, ("C", "s3"): 0.2, ("C", "s4"): 0.1,  # same order as A
-            ("D", "s1"): 0.1, ("D", "s2"): 0.2, ("D", "s3"): 0.3, ("D", "s4"): 0.4}  # reversed
+    vals = {
+        ("A", "s1"): 0.9,
+        ("A", "s2"): 0.7,
+        ("A", "s3"): 0.5,
+        ("A", "s4"): 0.3,
+        ("C", "s1"): 0.6,
+        ("C", "s2"): 0.5,
+        ("C", "s3"): 0.2,
+        ("C", "s4"): 0.1,  # same order as A
+        ("D", "s1"): 0.1,
+        ("D", "s2"): 0.2,
+        ("D", "s3"): 0.3,
+        ("D", "s4"): 0.4,
+    }  # reversed
     for hib in (True, False):
         r = ranking_agreement(_long(vals, "m"), "m", higher_is_better=hib)
         assert list(r.columns) == ["model_a", "model_b", "tau"]
@@ -244,13 +275,19 @@ def test_threshold_transfer_hand_case() -> None:
     # C: one positive at .9, negative at .1: F1 = 1 at every threshold -> first max, t = .3
     c = (np.array([[1, 0]], dtype=bool), np.array([[0.9, 0.1]]))
     out = threshold_transfer({"A": (y, a), "B": (y, b), "C": c}, th)
-    assert list(out.columns) == ["source", "target", "threshold", "f1_at_transferred", "f1_best_target",
-                                 "f1_lost"]
-    got = {(r.source, r.target): (r.threshold, r.f1_at_transferred, r.f1_best_target, r.f1_lost)
-           for r in out.itertuples(index=False)}
-    want = {("A", "B"): (0.5, 2 / 3, 1.0, 1 / 3), ("A", "C"): (0.5, 1.0, 1.0, 0.0),
-            ("B", "A"): (0.3, 0.8, 1.0, 0.2), ("B", "C"): (0.3, 1.0, 1.0, 0.0),
-            ("C", "A"): (0.3, 0.8, 1.0, 0.2), ("C", "B"): (0.3, 1.0, 1.0, 0.0)}
+    assert list(out.columns) == ["source", "target", "threshold", "f1_at_transferred", "f1_best_target", "f1_lost"]
+    got = {
+        (r.source, r.target): (r.threshold, r.f1_at_transferred, r.f1_best_target, r.f1_lost)
+        for r in out.itertuples(index=False)
+    }
+    want = {
+        ("A", "B"): (0.5, 2 / 3, 1.0, 1 / 3),
+        ("A", "C"): (0.5, 1.0, 1.0, 0.0),
+        ("B", "A"): (0.3, 0.8, 1.0, 0.2),
+        ("B", "C"): (0.3, 1.0, 1.0, 0.0),
+        ("C", "A"): (0.3, 0.8, 1.0, 0.2),
+        ("C", "B"): (0.3, 1.0, 1.0, 0.0),
+    }
     assert set(got) == set(want)
     for key, vals in want.items():
         assert got[key] == pytest.approx(vals), key

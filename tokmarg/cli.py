@@ -10,13 +10,25 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Calibrated per-category confidence for generative LLM safety classifiers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Calibrated per-category confidence for generative LLM safety classifiers.",
+)
 
 DEFAULT_DATASET = "datasets/sample.jsonl"
 DEFAULT_PARAMS = "params.yaml"
-HEADLINE_COLS = ("f1_micro", "hamming_loss", "roc_auc_micro", "f1_macro", "pr_auc_micro", "ece",
-                 "tokens_forwarded_per_sample", "seconds_per_sample")
+HEADLINE_COLS = (
+    "f1_micro",
+    "hamming_loss",
+    "roc_auc_micro",
+    "f1_macro",
+    "pr_auc_micro",
+    "ece",
+    "tokens_forwarded_per_sample",
+    "seconds_per_sample",
+)
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -68,15 +80,22 @@ def validate_cmd(
     except _user_errors() as e:
         raise _fail(str(e)) from None
     safe = sum(1 for s in ds.samples if not s.labels)
-    typer.echo(f"{params}: ok ({len(cfg.strategies)} strategies, semantics {cfg.semantics}, "
-               f"models {', '.join(m.name for m in cfg.models)})")
-    typer.echo(f"{dataset}: ok ({len(ds.samples)} samples, {safe} safe, {ds.n_skipped} skipped, "
-               f"taxonomy {cfg.taxonomy.name}, sha256 {ds.sha256[:12]})")
+    typer.echo(
+        f"{params}: ok ({len(cfg.strategies)} strategies, semantics {cfg.semantics}, "
+        f"models {', '.join(m.name for m in cfg.models)})"
+    )
+    typer.echo(
+        f"{dataset}: ok ({len(ds.samples)} samples, {safe} safe, {ds.n_skipped} skipped, "
+        f"taxonomy {cfg.taxonomy.name}, sha256 {ds.sha256[:12]})"
+    )
 
 
-@app.command("eval")
+@app.command("eval", context_settings={"allow_extra_args": True})
 def eval_cmd(
-    models: Annotated[list[str] | None, typer.Option(help="models: preset, HF id or local dir (default: embedded SmolLM2)")] = None,
+    ctx: typer.Context,
+    models: Annotated[
+        list[str] | None, typer.Option(help="models: preset, HF id or local dir (default: embedded SmolLM2)")
+    ] = None,
     dataset: Annotated[Path, typer.Option(help="JSONL dataset")] = Path(DEFAULT_DATASET),
     params: Annotated[Path, typer.Option(help="params.yaml")] = Path(DEFAULT_PARAMS),
     strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies (default: all in params)")] = None,
@@ -97,12 +116,21 @@ def eval_cmd(
     from tokmarg.runner import run_eval
 
     out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if ctx.args and not models:
+        raise _fail(f"unexpected argument(s): {' '.join(ctx.args)}")
+    names = _split([*(models or []), *ctx.args])  # `--models A B C` as well as `--models A,B`
     try:
-        cfg = build_config(params, _split(models), _split(strategies), semantics, device, dtype)
+        cfg = build_config(params, names, _split(strategies), semantics, device, dtype)
         ds = load_dataset(dataset, cfg.taxonomy, skip_invalid=skip_invalid, limit=limit)
         metrics, manifest = run_eval(
-            cfg, ds, out, engine=engine, command=shlex.join(["tokmarg", *sys.argv[1:]]),
-            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
+            cfg,
+            ds,
+            out,
+            engine=engine,
+            command=shlex.join(["tokmarg", *sys.argv[1:]]),
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            progress=progress,
         )
     except _user_errors() as e:
         raise _fail(str(e)) from None
@@ -116,14 +144,17 @@ def _print_table(metrics: object, manifest: dict) -> None:
     import pandas as pd
 
     df: pd.DataFrame = metrics  # type: ignore[assignment]
-    typer.echo(f"\nsemantics={manifest['semantics']} engine={manifest['engine']} n_samples={manifest['n_samples']} "
-               f"dataset={manifest['dataset']}")
+    typer.echo(
+        f"\nsemantics={manifest['semantics']} engine={manifest['engine']} n_samples={manifest['n_samples']} "
+        f"dataset={manifest['dataset']}"
+    )
     typer.echo(f"note: {manifest['calibration_note']}")
     cols = [c for c in HEADLINE_COLS if c in df.columns]
     for model, g in df.groupby("model", sort=False):
         typer.echo(f"\nmodel: {model}")
-        t = g.set_index("strategy")[cols].rename(columns={"tokens_forwarded_per_sample": "tokens/sample",
-                                                         "seconds_per_sample": "s/sample"})
+        t = g.set_index("strategy")[cols].rename(
+            columns={"tokens_forwarded_per_sample": "tokens/sample", "seconds_per_sample": "s/sample"}
+        )
         typer.echo(t.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from tokmarg.models import DEFAULT_MODEL, DTYPES
-from tokmarg.prompts import BUILTIN_FORMATS
+from tokmarg.prompts import BUILTIN_FORMATS, PromptError, load_format
 from tokmarg.strategies import REGISTRY, SEMANTICS, StrategyParams
 from tokmarg.strategies.uncertainty import CALIBRATIONS
 from tokmarg.taxonomy import BUILTIN, Taxonomy, TaxonomyError, get_taxonomy, taxonomy_from_mapping
@@ -70,6 +70,33 @@ def _mapping(where: str, value: object, allowed: Sequence[str] | None = None) ->
     return value
 
 
+def _string(where: str, value: object, default: str) -> str:
+    """A string setting; null means the default."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {value!r} must be a string")
+    return value
+
+
+def _prompt(where: str, value: object, base_dir: Path) -> str:
+    """guard, instruct, or a template file (relative to the cwd, else to the params file's folder)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {value!r} must be guard, instruct or a template file path")
+    if value in BUILTIN_FORMATS:
+        return value
+    path = Path(value)
+    if not path.is_file() and not path.is_absolute() and (base_dir / path).is_file():
+        path = base_dir / path
+    if not path.is_file():
+        raise ConfigError(f"{where}: {value!r} is not guard, instruct or an existing template file")
+    try:
+        load_format(str(path))
+    except PromptError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return str(path)
+
+
 def _param(where: str, key: str, value: object) -> float | int:
     if key == "max_new_tokens":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -110,7 +137,9 @@ def build_config(
     """Validate params.yaml and the CLI choices into one :class:`Config`."""
     f = str(path)
     raw = load_params(path)
-    sem = _choice("--semantics" if semantics else f"{f}: semantics", semantics or raw.get("semantics", "exact"), SEMANTICS)
+    sem = _choice(
+        "--semantics" if semantics else f"{f}: semantics", semantics or raw.get("semantics", "exact"), SEMANTICS
+    )
     cal = _choice(f"{f}: calibration", raw.get("calibration", "transductive"), CALIBRATIONS)
     custom: dict[str, Taxonomy] = {}
     for name, spec in _mapping(f"{f}: taxonomies", raw.get("taxonomies")).items():
@@ -128,12 +157,16 @@ def build_config(
             raise ConfigError(f"{where}: {e}") from None
 
     taxonomy = tax(f"{f}: taxonomy", raw.get("taxonomy", "llama_guard_3"))
-    default_prompt = str(raw.get("prompt", "instruct"))
+    base_dir = Path(path).resolve().parent
+    default_prompt = _prompt(f"{f}: prompt", raw.get("prompt", "instruct"), base_dir)
+    dev = _string("--device", device, "auto")
+    dt = _choice("--dtype", dtype, list(DTYPES))
     strat_raw = _mapping(f"{f}: strategies", raw.get("strategies"))
     for name in strat_raw:
         if name not in REGISTRY:
             raise ConfigError(f"{f}: strategies.{name}: unknown strategy; known: {', '.join(REGISTRY)}")
     base = {s: _params(f"{f}: strategies.{s}", strat_raw.get(s)) for s in REGISTRY}
+    # With a `strategies:` section, only the strategies listed there run (unless --strategies says).
     chosen = list(strategies) if strategies else [s for s in REGISTRY if not strat_raw or s in strat_raw]
     for s in chosen:
         if s not in REGISTRY:
@@ -141,8 +174,11 @@ def build_config(
     chosen = [s for s in REGISTRY if s in chosen]  # registry order, no duplicates
 
     model_raw = _mapping(f"{f}: models", raw.get("models"))
-    built = []
-    for name in models or [DEFAULT_MODEL]:
+    names = list(models or [DEFAULT_MODEL])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--models: a model is named twice in {names}")
+    built = {}
+    for name in [*model_raw, *(n for n in names if n not in model_raw)]:  # every entry is validated
         where = f"{f}: models.{name}"
         entry = _mapping(where, model_raw.get(name), MODEL_KEYS)
         shared = _params(where, {k: v for k, v in entry.items() if k in PARAM_KEYS})
@@ -151,22 +187,23 @@ def build_config(
             if s not in REGISTRY:
                 raise ConfigError(f"{where}.strategies.{s}: unknown strategy; known: {', '.join(REGISTRY)}")
         resolved = {
-            s: StrategyParams(**{**base[s], **shared, **_params(f"{where}.strategies.{s}", per.get(s))}) for s in chosen
+            s: StrategyParams(**{**base[s], **shared, **_params(f"{where}.strategies.{s}", per.get(s))})
+            for s in REGISTRY
         }
-        prompt = str(entry.get("prompt", default_prompt))
-        if prompt not in BUILTIN_FORMATS and not Path(prompt).is_file():
-            raise ConfigError(f"{where}.prompt: {prompt!r} is not guard, instruct or an existing template file")
+        prompt = _prompt(f"{where}.prompt", entry["prompt"], base_dir) if "prompt" in entry else default_prompt
         m_tax = tax(f"{where}.taxonomy", entry.get("taxonomy", taxonomy.name))
         if set(taxonomy.codes) - set(m_tax.codes):
             raise ConfigError(f"{where}.taxonomy: {m_tax.name} lacks codes of the dataset taxonomy {taxonomy.name}")
-        built.append(
-            ModelConfig(
-                name, prompt, m_tax, str(entry.get("answer_prefix", "")),
-                str(entry.get("device", device)), _choice(f"{where}.dtype", entry.get("dtype", dtype), list(DTYPES)),
-                resolved,
-            )
+        built[name] = ModelConfig(
+            name,
+            prompt,
+            m_tax,
+            _string(f"{where}.answer_prefix", entry.get("answer_prefix"), ""),
+            _string(f"{where}.device", entry.get("device"), dev),
+            _choice(f"{where}.dtype", entry.get("dtype", dt), list(DTYPES)),
+            {s: resolved[s] for s in chosen},
         )
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{f}: seed: {seed!r} must be an integer")
-    return Config(f, raw, sem, cal, taxonomy, tuple(chosen), tuple(built), seed)
+    return Config(f, raw, sem, cal, taxonomy, tuple(chosen), tuple(built[n] for n in names), seed)

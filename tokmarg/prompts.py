@@ -78,7 +78,7 @@ def load_format(spec: str) -> PromptFormat:
     for key, src in (("system", system), ("user", data["user"])):
         if src is not None:
             try:
-                _ENV.parse(src)
+                _ENV.from_string(src)  # compiles: unknown filters/tests fail here, not at render
             except TemplateError as e:
                 raise PromptError(f"{path}: key {key!r}: bad Jinja template ({e})") from None
     return PromptFormat(str(path), system, data["user"])

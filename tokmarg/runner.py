@@ -53,7 +53,12 @@ def slug(name: str) -> str:
 
 
 def score_model(
-    mc: ModelConfig, cfg: Config, ds: Dataset, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+    mc: ModelConfig,
+    cfg: Config,
+    ds: Dataset,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> ModelRun:
     """Load one model and run every configured strategy on every sample."""
@@ -67,8 +72,15 @@ def score_model(
     outs: dict[str, list[SampleOutput]] = {s: [] for s in cfg.strategies}
     seconds = dict.fromkeys(cfg.strategies, 0.0)
     bars = {
-        s: tqdm(total=len(ds.samples), desc=f"{mc.name} {s}"[:60].ljust(60), position=i, leave=True,
-                disable=not progress, file=sys.stderr, mininterval=0.5)
+        s: tqdm(
+            total=len(ds.samples),
+            desc=f"{mc.name} {s}"[:60].ljust(60),
+            position=i,
+            leave=True,
+            disable=not progress,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
         for i, s in enumerate(cfg.strategies)
     }
     try:
@@ -88,11 +100,11 @@ def score_model(
             b.close()
     truth = [s.labels for s in ds.samples]
     thresholds = {
-        s: finalize(outs[s], truth, cfg.calibration, cfg.seed) for s in cfg.strategies if REGISTRY[s].kind == "uncertainty"
+        s: finalize(outs[s], truth, cfg.calibration, cfg.seed)
+        for s in cfg.strategies
+        if REGISTRY[s].kind == "uncertainty"
     }
-    rows = [
-        _row(mc.name, s, sample, out) for s in cfg.strategies for sample, out in zip(ds.samples, outs[s])
-    ]
+    rows = [_row(mc.name, s, sample, out) for s in cfg.strategies for sample, out in zip(ds.samples, outs[s])]
     return ModelRun(rows, seconds, thresholds, load_s)
 
 
@@ -141,8 +153,15 @@ def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 10
             u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
         m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=cfg.seed, **u_kw)
         fwd = g["tokens_forwarded"].to_numpy()
-        out.append({"model": model, "strategy": strategy, "threshold": thr, **m,
-                    "tokens_forwarded_per_sample": float(fwd.mean()) if len(fwd) else 0.0})
+        out.append(
+            {
+                "model": model,
+                "strategy": strategy,
+                "threshold": thr,
+                **m,
+                "tokens_forwarded_per_sample": float(fwd.mean()) if len(fwd) else 0.0,
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -158,13 +177,26 @@ def versions() -> dict[str, str]:
 
 
 def _resolved(mc: ModelConfig) -> dict:
-    return {"prompt": mc.prompt, "taxonomy": mc.taxonomy.name, "answer_prefix": mc.answer_prefix,
-            "device": mc.device, "dtype": mc.dtype, "params": {s: vars(p) for s, p in mc.params.items()}}
+    return {
+        "prompt": mc.prompt,
+        "taxonomy": mc.taxonomy.name,
+        "answer_prefix": mc.answer_prefix,
+        "device": mc.device,
+        "dtype": mc.dtype,
+        "params": {s: vars(p) for s, p in mc.params.items()},
+    }
 
 
 def run_eval(
-    cfg: Config, ds: Dataset, out: Path, *, engine: str = "reference", command: str = "",
-    trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True,
+    cfg: Config,
+    ds: Dataset,
+    out: Path,
+    *,
+    engine: str = "reference",
+    command: str = "",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
     on_model_done: Callable[[str], None] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Evaluate every model and write the run directory ``out``; returns (metrics, manifest)."""
@@ -181,8 +213,9 @@ def run_eval(
         frames, timing = [], {}
         thresholds: dict[str, dict] = {}
         for mc in cfg.models:
-            run = score_model(mc, cfg, ds, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                              progress=progress)
+            run = score_model(
+                mc, cfg, ds, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress
+            )
             df = pd.DataFrame(run.rows)
             df.to_parquet(tmp / "predictions" / f"{slug(mc.name)}.parquet", index=False)
             frames.append(df)

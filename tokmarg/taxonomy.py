@@ -104,8 +104,8 @@ def taxonomy_from_mapping(name: str, spec: object, where: str) -> Taxonomy:
         if extra:
             raise TaxonomyError(f"{where}[{i}]: unknown key(s) {sorted(extra)}; allowed: code, name, description")
         code = row["code"]
-        if code == "unsafe" or not code.isalnum():
-            raise TaxonomyError(f"{where}[{i}]: code {code!r} must be letters/digits and not 'unsafe'")
+        if code in ("safe", "unsafe") or not code.isalnum():
+            raise TaxonomyError(f"{where}[{i}]: code {code!r} must be letters/digits and not 'safe'/'unsafe'")
         cats.append(Category(code, str(row.get("name", code)), str(row.get("description", ""))))
     codes = [c.code for c in cats]
     if len(set(codes)) != len(codes):

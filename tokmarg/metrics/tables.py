@@ -130,8 +130,14 @@ def threshold_transfer(
                 continue
             at, best = float(f1[tgt][i]), float(f1[tgt].max())
             rows.append(
-                {"source": src, "target": tgt, "threshold": float(th[i]), "f1_at_transferred": at,
-                 "f1_best_target": best, "f1_lost": best - at}
+                {
+                    "source": src,
+                    "target": tgt,
+                    "threshold": float(th[i]),
+                    "f1_at_transferred": at,
+                    "f1_best_target": best,
+                    "f1_lost": best - at,
+                }
             )
     cols = ["source", "target", "threshold", "f1_at_transferred", "f1_best_target", "f1_lost"]
     return pd.DataFrame(rows, columns=cols)

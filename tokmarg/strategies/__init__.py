@@ -34,8 +34,19 @@ from tokmarg.strategies.base import (
 )
 
 __all__ = [
-    "REGISTRY", "SEMANTICS", "Context", "ModelTokens", "Query", "SampleOutput", "Strategy",
-    "StrategyParams", "TokenInfo", "TokenLM", "UnknownStrategy", "get_strategy", "register",
+    "REGISTRY",
+    "SEMANTICS",
+    "Context",
+    "ModelTokens",
+    "Query",
+    "SampleOutput",
+    "Strategy",
+    "StrategyParams",
+    "TokenInfo",
+    "TokenLM",
+    "UnknownStrategy",
+    "get_strategy",
+    "register",
 ]
 
 
