@@ -155,7 +155,8 @@ def test_forced_prefix_logits_match_joint_tokenization(setup) -> None:
     assert joint == prompt_ids(tok, text) + tokens.forced_prefix
     logits = _generate(lm.model, torch.tensor([joint]), 1, tok.eos_token_id).logits[0][0]
     want = [float(logits[tok.encode(c, add_special_tokens=False)[1]]) for c in LLAMA_GUARD_3.codes]
-    from tokmarg.strategies.reference import forced_evidence_paper
+    from tokmarg.strategies.programs import forced_evidence_paper
+    from tokmarg.strategies.reference import drive
 
-    got = forced_evidence_paper(CountingLM(lm.forward), tokens, prompt_ids(tok, text), LLAMA_GUARD_3.codes)
+    got = drive(forced_evidence_paper(tokens, LLAMA_GUARD_3.codes), CountingLM(lm.forward), prompt_ids(tok, text))
     assert got == pytest.approx(want, abs=1e-4)

@@ -1,13 +1,18 @@
 """The seven strategies of SPEC §2, registered by their public names.
 
-Each takes a :class:`Context` (model view, one query, resolved params, semantics) and
-returns a :class:`SampleOutput`. The uncertainty strategies also need a dataset-level
-threshold: :func:`tokmarg.strategies.uncertainty.finalize` fills their predictions.
+Each is a program (see :mod:`tokmarg.strategies.programs`): given a :class:`Context`
+(model view, one query, resolved params, semantics) it requests logits and returns a
+:class:`SampleOutput`; ``Strategy.run(ctx)`` drives it with the reference engine.
+The uncertainty strategies also need a dataset-level threshold:
+:func:`tokmarg.strategies.uncertainty.finalize` fills their predictions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+
 import numpy as np
+import torch
 
 from tokmarg.probability import (
     code_softmax,
@@ -16,7 +21,7 @@ from tokmarg.probability import (
     probability_uncertainty,
     rank_codes,
 )
-from tokmarg.strategies import reference as ref
+from tokmarg.strategies import programs as prog
 from tokmarg.strategies.base import (
     REGISTRY,
     SEMANTICS,
@@ -32,6 +37,7 @@ from tokmarg.strategies.base import (
     get_strategy,
     register,
 )
+from tokmarg.strategies.programs import Path
 
 __all__ = [
     "REGISTRY",
@@ -50,44 +56,47 @@ __all__ = [
 ]
 
 
-def _greedy(ctx: Context) -> tuple[str, dict[str, float], dict[str, float]]:
+Out = Generator[list[Path], list[torch.Tensor], SampleOutput]
+
+
+def _greedy(ctx: Context) -> Generator[list[Path], list[torch.Tensor], tuple[str, dict, dict]]:
     q, sp = ctx.query, ctx.params
     if ctx.semantics == "paper":
-        return ref.greedy_scores_paper(ctx.lm, ctx.info, q.prompt_ids, q.labels, sp.max_new_tokens)
-    path = ref.greedy_path(ctx.lm, ctx.info, q.prompt_ids, sp.max_new_tokens)
-    return ref.greedy_scores_exact(ctx.info, path, q.labels)
+        return (yield from prog.greedy_scores_paper(ctx.info, q.prompt_ids, q.labels, sp.max_new_tokens))
+    path = yield from prog.greedy_path(ctx.info, sp.max_new_tokens)
+    return prog.greedy_scores_exact(ctx.info, path, q.labels)
 
 
 @register("greedy_generation", "codes")
-def greedy_generation(ctx: Context) -> SampleOutput:
+def greedy_generation(ctx: Context) -> Out:
     """Codes that occur in the greedy output text (no scores)."""
-    text, tok_prob, _ = _greedy(ctx)
+    text, tok_prob, _ = yield from _greedy(ctx)
     codes = tuple(c for c in ctx.query.codes if c in tok_prob)
     return SampleOutput(None, codes, greedy_text=text)
 
 
 @register("token_probability", "scores")
-def token_probability(ctx: Context) -> SampleOutput:
+def token_probability(ctx: Context) -> Out:
     """Probability of the tokens spelling each label where it occurs on the greedy path."""
-    text, tok_prob, _ = _greedy(ctx)
+    text, tok_prob, _ = yield from _greedy(ctx)
     return SampleOutput(tok_prob, greedy_text=text)
 
 
 @register("marginal_probability_at_fixed_place", "scores")
-def fixed_place(ctx: Context) -> SampleOutput:
+def fixed_place(ctx: Context) -> Out:
     """Probability of the greedy prefix up to the end of each label's occurrence."""
-    text, _, fixed = _greedy(ctx)
+    text, _, fixed = yield from _greedy(ctx)
     return SampleOutput(fixed, greedy_text=text)
 
 
 @register("marginal_probability_at_any_place", "scores")
-def any_place(ctx: Context) -> SampleOutput:
+def any_place(ctx: Context) -> Out:
     """Probability that each label occurs anywhere, summed over a pruned continuation tree."""
     q = ctx.query
     if ctx.semantics == "paper":
-        tree = ref.any_place_paper(ctx.lm, ctx.info, q.prompt_ids, q.labels, ctx.params)
+        tree = yield from prog.any_place_paper(ctx.info, q.prompt_ids, q.labels, ctx.params)
         return SampleOutput(tree.scores, extra={"tree_nodes": tree.nodes})
-    tree = ref.any_place_exact(ctx.lm, ctx.info, q.prompt_ids, q.labels, ctx.params)
+    tree = yield from prog.any_place_exact(ctx.info, q.labels, ctx.params)
     return SampleOutput(
         tree.scores,
         unexplored_mass=tree.unexplored,
@@ -96,16 +105,16 @@ def any_place(ctx: Context) -> SampleOutput:
     )
 
 
-def _forced(ctx: Context, u_fn: object) -> SampleOutput:
+def _forced(ctx: Context, u_fn: Callable[[np.ndarray], float]) -> Out:
     q = ctx.query
     codes = q.codes
     if ctx.semantics == "paper":
-        ev = np.array(ref.forced_evidence_paper(ctx.lm, ctx.tokens, q.prompt_ids, codes))
-        gate = ref.verdict_paper(ctx.lm, ctx.tokens, q.prompt_ids) if q.gate else None
+        ev = np.array((yield from prog.forced_evidence_paper(ctx.tokens, codes)))
+        gate = (yield from prog.verdict_paper(ctx.tokens)) if q.gate else None
         scores = None  # the reference stores no scores for these baselines
     else:
-        ev = np.array(ref.forced_evidence_exact(ctx.lm, ctx.info, ctx.tokens, q.prompt_ids, codes))
-        gate = ref.verdict_exact(ctx.lm, ctx.info, ctx.tokens, q.prompt_ids) if q.gate else None
+        ev = np.array((yield from prog.forced_evidence_exact(ctx.info, ctx.tokens, codes)))
+        gate = (yield from prog.verdict_exact(ctx.info, ctx.tokens)) if q.gate else None
         probs = code_softmax(ev)
         scores = {c: float(p) for c, p in zip(codes, probs)}
         if gate is not None:  # P(code) = P(unsafe) x P(code | unsafe)
@@ -114,7 +123,7 @@ def _forced(ctx: Context, u_fn: object) -> SampleOutput:
         scores = {"unsafe": gate, **scores}
     return SampleOutput(
         scores,
-        uncertainty=u_fn(ev),  # type: ignore[operator]
+        uncertainty=u_fn(ev),
         ranked=tuple(rank_codes(codes, ev)),
         gate_unsafe=None if gate is None else gate > 0.5,
         extra={"gate_unsafe_score": gate} if gate is not None else {},
@@ -122,18 +131,18 @@ def _forced(ctx: Context, u_fn: object) -> SampleOutput:
 
 
 @register("probability_uncertainty", "uncertainty")
-def prob_uncertainty(ctx: Context) -> SampleOutput:
+def prob_uncertainty(ctx: Context) -> Out:
     """Forced prefix; top-1/top-2 codes by u = 1/(1 + max softmax probability)."""
-    return _forced(ctx, probability_uncertainty)
+    return (yield from _forced(ctx, probability_uncertainty))
 
 
 @register("entropy_uncertainty", "uncertainty")
-def ent_uncertainty(ctx: Context) -> SampleOutput:
+def ent_uncertainty(ctx: Context) -> Out:
     """Forced prefix; top-1/top-2 codes by u = entropy of the softmax over codes."""
-    return _forced(ctx, entropy_uncertainty)
+    return (yield from _forced(ctx, entropy_uncertainty))
 
 
 @register("LogTokU", "uncertainty")
-def logtoku(ctx: Context) -> SampleOutput:
+def logtoku(ctx: Context) -> Out:
     """Forced prefix; top-1/top-2 codes by LogTokU evidential uncertainty of the top-2 logits."""
-    return _forced(ctx, logtoku_uncertainty)
+    return (yield from _forced(ctx, logtoku_uncertainty))

@@ -7,7 +7,7 @@ model layer is seen only through :class:`TokenLM` (token ids -> next-token logit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,7 +95,7 @@ class SampleOutput:
 
 @dataclass(frozen=True)
 class Strategy:
-    """A strategy: ``run(ctx) -> SampleOutput`` per sample.
+    """A strategy: ``program(ctx)`` yields logits requests and returns a :class:`SampleOutput`.
 
     ``kind``: ``scores`` (thresholded scores), ``codes`` (predicted codes only) or
     ``uncertainty`` (codes chosen by a dataset-level threshold, see ``uncertainty.finalize``).
@@ -103,13 +103,21 @@ class Strategy:
 
     name: str
     kind: str
-    run: Callable[[Context], SampleOutput]
+    program: Callable[[Context], Generator[list[tuple[int, ...]], list[torch.Tensor], SampleOutput]]
     doc: str
+
+    def run(self, ctx: Context) -> SampleOutput:
+        """One sample on the reference engine: a full forward of ``ctx.lm`` per request."""
+        from tokmarg.strategies.reference import drive
+
+        if ctx.lm is None:
+            raise ValueError("Strategy.run needs ctx.lm (a full-sequence forward)")
+        return drive(self.program(ctx), ctx.lm, ctx.query.prompt_ids)
 
 
 @dataclass
 class Context:
-    lm: TokenLM
+    lm: TokenLM | None  # only the reference engine's ``Strategy.run`` uses it
     info: TokenInfo
     tokens: ModelTokens
     query: Query
@@ -118,10 +126,11 @@ class Context:
 
 
 REGISTRY: dict[str, Strategy] = {}
+ProgramFn = Callable[[Context], Generator[list[tuple[int, ...]], list[torch.Tensor], SampleOutput]]
 
 
-def register(name: str, kind: str) -> Callable[[Callable[[Context], SampleOutput]], Callable[[Context], SampleOutput]]:
-    def deco(fn: Callable[[Context], SampleOutput]) -> Callable[[Context], SampleOutput]:
+def register(name: str, kind: str) -> Callable[[ProgramFn], ProgramFn]:
+    def deco(fn: ProgramFn) -> ProgramFn:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
         REGISTRY[name] = Strategy(name, kind, fn, (fn.__doc__ or "").strip())
