@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
+from tokmarg.engine.scheduler import MemoBackend, run_batch
 from tokmarg.probability import boundary_mask
 from tokmarg.strategies import REGISTRY, Context, ModelTokens, Query, SampleOutput, StrategyParams, TokenInfo
 
@@ -133,7 +135,11 @@ def run(
     eps: float = 0.01,
     threshold: float = 0.2,
 ) -> SampleOutput:
-    """Run one registered strategy on the toy model (prompt ``x\\n``)."""
+    """Run one registered strategy on the toy model (prompt ``x\\n``).
+
+    Runs it twice, on the reference engine and through the fast engine's scheduler (each
+    distinct node computed once), and checks both give the same output.
+    """
     ctx = Context(
         ToyLM(script),
         INFO,
@@ -142,4 +148,21 @@ def run(
         StrategyParams(top_p, max_new_tokens, eps, threshold),
         semantics,
     )
-    return REGISTRY[strategy].run(ctx)
+    out = REGISTRY[strategy].run(ctx)
+    (fast,) = run_batch(MemoBackend(ToyLM(script)), [[(strategy, replace(ctx, lm=None))]])[0:1]
+    assert_same(fast[0], out)
+    return out
+
+
+def assert_same(a: SampleOutput, b: SampleOutput, tol: float = 0.0) -> None:
+    """Two engines' outputs agree: scores within ``tol``, everything else equal."""
+    assert (a.scores is None) == (b.scores is None)
+    if a.scores is not None and b.scores is not None:
+        assert a.scores.keys() == b.scores.keys()
+        for k in a.scores:
+            assert abs(a.scores[k] - b.scores[k]) <= tol, (k, a.scores[k], b.scores[k])
+    for f in ("pred_labels", "ranked", "gate_unsafe", "greedy_text"):
+        assert getattr(a, f) == getattr(b, f), f
+    for f in ("unexplored_mass", "uncertainty"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None) and (x is None or abs(x - y) <= max(tol, 1e-12)), f

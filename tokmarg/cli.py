@@ -101,7 +101,9 @@ def eval_cmd(
     strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies (default: all in params)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
     semantics: Annotated[str | None, typer.Option(help="exact | paper (overrides params)")] = None,
-    engine: Annotated[str, typer.Option(help="reference")] = "reference",
+    engine: Annotated[str, typer.Option(help="fast (KV cache, tree attention) | reference (full forwards)")] = "fast",
+    batch_size: Annotated[int, typer.Option(min=0, help="samples per fast-engine batch (0 = auto)")] = 0,
+    max_forward_tokens: Annotated[int, typer.Option(min=0, help="tokens per forward call (0 = auto)")] = 0,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
@@ -131,6 +133,8 @@ def eval_cmd(
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
             progress=progress,
+            batch_size=batch_size,
+            max_forward_tokens=max_forward_tokens,
         )
     except _user_errors() as e:
         raise _fail(str(e)) from None

@@ -126,8 +126,11 @@ def boundary_mask(token_texts: Sequence[str], special: Sequence[bool]) -> torch.
 
 
 def code_softmax(evidence: np.ndarray) -> np.ndarray:
-    """Softmax over the per-code evidence vector (float64)."""
+    """Softmax over the per-code evidence vector (float64); uniform if no code is possible
+    (every evidence -inf, e.g. no boundary can follow any code)."""
     e = np.asarray(evidence, dtype=np.float64)
+    if not np.isfinite(e.max()):
+        return np.full(e.shape, 1.0 / e.size)
     z = np.exp(e - e.max())
     return z / z.sum()
 

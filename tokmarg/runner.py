@@ -24,14 +24,14 @@ from tqdm import tqdm
 
 from tokmarg.config import Config, ModelConfig
 from tokmarg.data import Dataset
+from tokmarg.engine import ENGINES
+from tokmarg.engine.score import EngineOptions, score
 from tokmarg.metrics import compute_metrics
 from tokmarg.models import load_model, model_view
 from tokmarg.prompts import load_format, prompt_ids, render
-from tokmarg.strategies import REGISTRY, Context, Query, SampleOutput
-from tokmarg.strategies.reference import CountingLM
+from tokmarg.strategies import REGISTRY, Query, SampleOutput
 from tokmarg.strategies.uncertainty import finalize
 
-ENGINES = ("reference",)
 TRANSDUCTIVE_NOTE = "t_opti of the uncertainty strategies is fitted on the evaluated set's own labels (as the paper)"
 SPLIT_NOTE = "t_opti of the uncertainty strategies is cross-fitted on 2 held-out halves (seeded)"
 
@@ -46,6 +46,7 @@ class ModelRun:
     seconds: dict[str, float]  # strategy -> wall seconds
     thresholds: dict[str, dict[str, float]]  # uncertainty strategy -> fitted t_opti
     load_seconds: float
+    prefix_tokens: int  # shared prompt prefix prefilled once (fast engine)
 
 
 def slug(name: str) -> str:
@@ -60,17 +61,25 @@ def score_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    opts: EngineOptions | None = None,
 ) -> ModelRun:
     """Load one model and run every configured strategy on every sample."""
+    opts = opts or EngineOptions()
     t0 = time.perf_counter()
     lm = load_model(mc.name, mc.device, mc.dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     labels = cfg.taxonomy.labels
     info, tokens = model_view(lm, cfg.taxonomy.codes)
     fmt = load_format(mc.prompt)
+    queries = [
+        Query(
+            sample.id,
+            prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, sample, mc.taxonomy, mc.answer_prefix)),
+            labels,
+            ds.has_safe,
+        )
+        for sample in ds.samples
+    ]
     load_s = time.perf_counter() - t0
-    counting = CountingLM(lm.forward)
-    outs: dict[str, list[SampleOutput]] = {s: [] for s in cfg.strategies}
-    seconds = dict.fromkeys(cfg.strategies, 0.0)
     bars = {
         s: tqdm(
             total=len(ds.samples),
@@ -84,17 +93,17 @@ def score_model(
         for i, s in enumerate(cfg.strategies)
     }
     try:
-        for sample in ds.samples:
-            ids = prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, sample, mc.taxonomy, mc.answer_prefix))
-            query = Query(sample.id, ids, labels, ds.has_safe)
-            counting.reset()  # the memo never spans samples
-            for s in cfg.strategies:
-                before, t1 = counting.tokens, time.perf_counter()
-                out = REGISTRY[s].run(Context(counting, info, tokens, query, mc.params[s], cfg.semantics))
-                out.tokens_forwarded = counting.tokens - before
-                seconds[s] += time.perf_counter() - t1
-                outs[s].append(out)
-                bars[s].update(1)
+        outs, stats = score(
+            lm,
+            info,
+            tokens,
+            queries,
+            cfg.strategies,
+            mc.params,
+            cfg.semantics,
+            opts,
+            on_done=lambda s, n: bars[s].update(n),
+        )
     finally:
         for b in bars.values():
             b.close()
@@ -104,8 +113,13 @@ def score_model(
         for s in cfg.strategies
         if REGISTRY[s].kind == "uncertainty"
     }
-    rows = [_row(mc.name, s, sample, out) for s in cfg.strategies for sample, out in zip(ds.samples, outs[s])]
-    return ModelRun(rows, seconds, thresholds, load_s)
+    per_sample = [sum(outs[s][i].tokens_forwarded for s in cfg.strategies) for i in range(len(ds.samples))]
+    rows = [
+        {**_row(mc.name, s, sample, out), "sample_tokens_forwarded": per_sample[i]}
+        for s in cfg.strategies
+        for i, (sample, out) in enumerate(zip(ds.samples, outs[s]))
+    ]
+    return ModelRun(rows, stats.seconds, thresholds, load_s, stats.prefix_tokens)
 
 
 def _row(model: str, strategy: str, sample: object, o: SampleOutput) -> dict:
@@ -192,12 +206,14 @@ def run_eval(
     ds: Dataset,
     out: Path,
     *,
-    engine: str = "reference",
+    engine: str = "fast",
     command: str = "",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
     on_model_done: Callable[[str], None] | None = None,
+    batch_size: int = 0,
+    max_forward_tokens: int = 0,
 ) -> tuple[pd.DataFrame, dict]:
     """Evaluate every model and write the run directory ``out``; returns (metrics, manifest)."""
     if engine not in ENGINES:
@@ -214,19 +230,32 @@ def run_eval(
         thresholds: dict[str, dict] = {}
         for mc in cfg.models:
             run = score_model(
-                mc, cfg, ds, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress
+                mc,
+                cfg,
+                ds,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                progress=progress,
+                opts=EngineOptions(engine, batch_size, max_forward_tokens),
             )
             df = pd.DataFrame(run.rows)
             df.to_parquet(tmp / "predictions" / f"{slug(mc.name)}.parquet", index=False)
             frames.append(df)
-            timing[mc.name] = {"load_seconds": run.load_seconds, "strategy_seconds": run.seconds}
+            timing[mc.name] = {
+                "load_seconds": run.load_seconds,
+                "seconds": run.seconds,
+                "prefix_tokens": run.prefix_tokens,
+            }
             thresholds[mc.name] = run.thresholds
             if on_model_done:
                 on_model_done(mc.name)
         pred = pd.concat(frames, ignore_index=True)
         metrics = metrics_table(pred, cfg, ds)
+        # reference: each strategy's own time; fast: the strategies share forwards, so every row
+        # shows the time of all of them together
         metrics["seconds_per_sample"] = [
-            timing[m]["strategy_seconds"][s] / max(1, len(ds.samples)) for m, s in zip(metrics.model, metrics.strategy)
+            timing[m]["seconds"].get(s, timing[m]["seconds"].get("all", float("nan"))) / max(1, len(ds.samples))
+            for m, s in zip(metrics.model, metrics.strategy)
         ]
         metrics.to_csv(tmp / "metrics.csv", index=False)
         manifest = {

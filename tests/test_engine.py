@@ -1,0 +1,131 @@
+"""The fast engine computes what the reference engine computes (tiers a and b)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import short_format
+from toy import INFO, TOKENS, ToyLM, assert_same, ids
+
+from tokmarg.data import Sample, Turn
+from tokmarg.engine.scheduler import MemoBackend, run_batch
+from tokmarg.engine.score import EngineOptions, score
+from tokmarg.engine.tree import TreeBackend, common_prefix_len
+from tokmarg.models import load_model, model_view
+from tokmarg.prompts import load_format, prompt_ids, render
+from tokmarg.strategies import REGISTRY, Context, Query, StrategyParams
+from tokmarg.taxonomy import LLAMA_GUARD_3
+
+TEXTS = ["how do I hurt someone", "steal a car please, right now", "Privacy of S13 S1", "x", "bake bread"]
+
+
+def test_common_prefix_len() -> None:
+    assert common_prefix_len([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == 2
+    assert common_prefix_len([(1, 2, 3), (1, 2, 3)]) == 2  # each prompt keeps one own token
+    assert common_prefix_len([(7, 8)]) == 1
+    assert common_prefix_len([(1,), (2,)]) == 0
+    assert common_prefix_len([]) == 0
+
+
+class PromptDispatch:
+    """Several toy LMs, one per prompt: a batch of samples with different prompts."""
+
+    def __init__(self, lms: list[ToyLM]):
+        self.lms = lms
+
+    def __call__(self, token_ids):
+        for lm in self.lms:
+            if tuple(token_ids[: len(lm.prompt)]) == lm.prompt:
+                return lm(token_ids)
+        raise KeyError(token_ids)
+
+
+@pytest.mark.parametrize("semantics", ["exact", "paper"])
+def test_toy_batch_of_samples_with_different_prompts(semantics: str) -> None:
+    scripts = [
+        {(): {"uns": 0.7, "safe": 0.3}, ("uns",): {"afe": 1.0}, ("uns", "afe"): {"\n": 0.9, "<eos>": 0.1}},
+        {(): {"S": 0.6, "<eos>": 0.4}, ("S",): {"1": 1.0}, ("S", "1"): {"4": 0.6, ",": 0.3, "<eos>": 0.1}},
+        {(): {"S2": 0.5, "S1": 0.5}},
+    ]
+    default = {"<eos>": 0.25, ",": 0.25, "S": 0.25, "1": 0.125, "2": 0.125}
+    prompts = [("x", "\n"), ("x", "x", "\n"), ("x", "x", "x", "x", "\n")]
+    lms = [ToyLM(s, prompt=p, default=default) for s, p in zip(scripts, prompts)]
+    labels = ("unsafe", "S1", "S2", "S4", "S14")
+    sp = StrategyParams(top_p=0.9, max_new_tokens=4, eps=0.05)
+    ctxs = [
+        [(name, Context(lm, INFO, TOKENS, Query(str(i), ids(p), labels, True), sp, semantics)) for name in REGISTRY]
+        for i, (lm, p) in enumerate(zip(lms, prompts))
+    ]
+    fast = run_batch(MemoBackend(PromptDispatch(lms)), [[(n, replace(c, lm=None)) for n, c in row] for row in ctxs])
+    for row, out_row in zip(ctxs, fast):
+        for (name, c), out in zip(row, out_row):
+            assert_same(out, REGISTRY[name].run(c))
+
+
+@pytest.fixture(scope="module", params=["random", "trained"])
+def model(request, tiny_model_dir: Path, trained_tiny_dir: Path):
+    lm = load_model(str(tiny_model_dir if request.param == "random" else trained_tiny_dir), "cpu", "fp32")
+    info, tokens = model_view(lm, LLAMA_GUARD_3.codes)
+    return lm, info, tokens
+
+
+def _queries(lm, fmt, gate: bool) -> list[Query]:
+    samples = [Sample(str(i), (Turn("user", t),), (), i + 1) for i, t in enumerate(TEXTS)]
+    return [
+        Query(s.id, prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, LLAMA_GUARD_3)), LLAMA_GUARD_3.labels, gate)
+        for s in samples
+    ]
+
+
+@pytest.mark.parametrize("semantics", ["exact", "paper"])
+@pytest.mark.parametrize(("batch", "max_fwd", "fmt"), [(5, 4096, "short"), (2, 7, "short"), (3, 64, "instruct")])
+def test_tree_backend_matches_reference(model, semantics: str, batch: int, max_fwd: int, fmt: str) -> None:
+    """Every strategy, both semantics; batches mixing prompt lengths; forwards split into
+    chunks so a prompt suffix and tree levels span several calls."""
+    lm, info, tokens = model
+    queries = _queries(lm, short_format() if fmt == "short" else load_format(fmt), gate=True)
+    assert len({len(q.prompt_ids) for q in queries}) > 1
+    sp = StrategyParams(top_p=0.9, max_new_tokens=4, eps=0.02)
+    params = dict.fromkeys(REGISTRY, sp)
+    ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("reference"))
+    fast, stats = score(
+        lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("fast", batch, max_fwd)
+    )
+    assert stats.prefix_tokens > 0
+    for name in REGISTRY:
+        for a, b in zip(fast[name], ref[name]):
+            assert_same(a, b, tol=1e-4)
+    for i in range(len(queries)):
+        fast_tokens = sum(fast[s][i].tokens_forwarded for s in REGISTRY)
+        ref_tokens = sum(ref[s][i].tokens_forwarded for s in REGISTRY)
+        assert fast_tokens * 5 < ref_tokens
+
+
+def test_each_node_forwarded_once(model) -> None:
+    """The KV-cache backend forwards exactly the distinct nodes (plus each prompt's own
+    tokens beyond the shared prefix) that a memo over full forwards computes."""
+    lm, info, tokens = model
+    queries = _queries(lm, short_format(), gate=True)
+    sp = StrategyParams(top_p=0.9, max_new_tokens=3, eps=0.02)
+    rows = [[(n, Context(None, info, tokens, q, sp, "exact")) for n in REGISTRY] for q in queries]
+    p = common_prefix_len([q.prompt_ids for q in queries])
+    tree = run_batch(TreeBackend(lm.model, lm.device, queries[0].prompt_ids[:p], 16), rows)
+    memo = run_batch(MemoBackend(lm.forward), rows)
+    for q, t_row, m_row in zip(queries, tree, memo):
+        t, m = sum(o.tokens_forwarded for o in t_row), sum(o.tokens_forwarded for o in m_row)
+        assert t == m - p  # memo counts the whole prompt; the cache shares the prefix
+        assert t < len(q.prompt_ids) - p + 200
+
+
+def test_backend_reuse_across_batches_crops_cache(model) -> None:
+    lm, info, tokens = model
+    queries = _queries(lm, short_format(), gate=False)
+    p = common_prefix_len([q.prompt_ids for q in queries])
+    backend = TreeBackend(lm.model, lm.device, queries[0].prompt_ids[:p])
+    sp = StrategyParams(top_p=0.9, max_new_tokens=3, eps=0.02)
+    first = run_batch(backend, [[("token_probability", Context(None, info, tokens, queries[0], sp, "exact"))]])
+    assert backend.cache.get_seq_length() == p
+    again = run_batch(backend, [[("token_probability", Context(None, info, tokens, queries[0], sp, "exact"))]])
+    assert_same(first[0][0], again[0][0])

@@ -1,0 +1,10 @@
+"""Engines answer the strategies' logits requests (see :mod:`tokmarg.strategies.programs`).
+
+``reference``: one full forward of prompt + path per request (obviously right, slow).
+``fast``: the shared prompt prefix prefilled once per model; per sample one prefill of the
+rest of the prompt; every distinct continuation node forwarded once, the nodes of many
+samples and strategies together, with tree attention over one packed KV cache.
+"""
+
+ENGINES = ("fast", "reference")
+DEFAULT_ENGINE = "fast"

@@ -1,0 +1,110 @@
+"""Drive the programs of many (sample, strategy) pairs together against one backend.
+
+Each round collects every pending request, asks the backend for all of them at once (it
+forwards only nodes it has not seen), and resumes every program. Tokens forwarded are
+attributed to the first program (in the given order) that needed them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from tokmarg.strategies import REGISTRY, Context, SampleOutput
+
+Node = tuple[int, tuple[int, ...]]  # (sample index in the batch, continuation after its prompt)
+
+
+class Backend(Protocol):
+    def begin(self, prompts: Sequence[tuple[int, ...]]) -> list[int]:
+        """Prefill the batch's prompts; return the tokens forwarded per sample."""
+
+    def logits(self, requests: Sequence[Sequence[Node]]) -> tuple[dict[Node, torch.Tensor], list[int]]:
+        """Logits (vocab,) float32 for every requested node, and the tokens newly forwarded
+        for each request group (a node and its missing ancestors count for the first group)."""
+
+    def end(self) -> None:
+        """Forget the batch (the shared prefix stays)."""
+
+
+@dataclass
+class _Job:
+    sample: int
+    gen: Generator
+    request: list[tuple[int, ...]] | None = None
+    result: SampleOutput | None = None
+    tokens: int = 0
+
+    def step(self, answer: list[torch.Tensor] | None) -> None:
+        try:
+            self.request = next(self.gen) if answer is None else self.gen.send(answer)
+        except StopIteration as stop:
+            self.request, self.result = None, stop.value
+
+
+def run_batch(backend: Backend, contexts: Sequence[Sequence[tuple[str, Context]]]) -> list[list[SampleOutput]]:
+    """``contexts[i][j]``: (strategy name, context) of sample i (all of sample i share one prompt).
+
+    Returns the outputs in the same shape, each with ``tokens_forwarded`` set; the prompt
+    prefill of a sample is attributed to its first strategy.
+    """
+    prefill = backend.begin([row[0][1].query.prompt_ids for row in contexts])
+    try:
+        jobs = [[_Job(i, REGISTRY[name].program(c)) for name, c in row] for i, row in enumerate(contexts)]
+        flat = [job for row in jobs for job in row]
+        for job in flat:
+            job.step(None)
+        while active := [job for job in flat if job.request is not None]:
+            got, new = backend.logits([[(job.sample, p) for p in job.request] for job in active])  # type: ignore[union-attr]
+            for job, n in zip(active, new):
+                job.tokens += n
+                job.step([got[(job.sample, p)] for p in job.request])  # type: ignore[union-attr]
+    finally:
+        backend.end()
+    out = []
+    for i, row in enumerate(jobs):
+        row[0].tokens += prefill[i]
+        for job in row:
+            assert job.result is not None
+            job.result.tokens_forwarded = job.tokens
+        out.append([job.result for job in row])  # type: ignore[misc]
+    return out
+
+
+class MemoBackend:
+    """Any full-sequence forward as a backend: each distinct node is computed once per batch
+    by ``forward(prompt + path)``; counts one token per node (what a cache would forward).
+
+    Used with the scripted toy LM in tests, and to check the scheduler apart from the cache.
+    """
+
+    def __init__(self, forward: Callable[[Sequence[int]], torch.Tensor]):
+        self._forward = forward
+        self._prompts: list[tuple[int, ...]] = []
+        self._store: dict[Node, torch.Tensor] = {}
+        self._seen: set[Node] = set()
+
+    def begin(self, prompts: Sequence[tuple[int, ...]]) -> list[int]:
+        self._prompts = list(prompts)
+        self._seen = {(i, ()) for i in range(len(prompts))}  # nodes a cache would hold
+        return [len(p) for p in prompts]
+
+    def logits(self, requests: Sequence[Sequence[Node]]) -> tuple[dict[Node, torch.Tensor], list[int]]:
+        new = []
+        for group in requests:
+            n = 0
+            for i, path in group:
+                for d in range(1, len(path) + 1):  # the node and its ancestors, one token each
+                    if (i, path[:d]) not in self._seen:
+                        self._seen.add((i, path[:d]))
+                        n += 1
+                if (i, path) not in self._store:  # logits only for what was asked
+                    self._store[(i, path)] = self._forward((*self._prompts[i], *path))
+            new.append(n)
+        return self._store, new
+
+    def end(self) -> None:
+        self._store, self._seen = {}, set()

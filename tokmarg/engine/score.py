@@ -1,0 +1,81 @@
+"""Score queries with every requested strategy on one engine; the runner and bench call this."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tokmarg.engine import ENGINES
+from tokmarg.engine.scheduler import run_batch
+from tokmarg.engine.tree import TreeBackend, common_prefix_len
+from tokmarg.models import LoadedModel
+from tokmarg.strategies import REGISTRY, Context, ModelTokens, Query, SampleOutput, StrategyParams, TokenInfo
+from tokmarg.strategies.reference import CountingLM
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    engine: str = "fast"
+    batch_size: int = 0  # samples per fast batch; 0 = auto
+    max_forward_tokens: int = 0  # tokens per forward call; 0 = auto
+
+    def resolved(self, on_gpu: bool) -> tuple[int, int]:
+        """(batch size, max forward tokens): small on a CPU, where attention over a long packed
+        cache costs more than it saves; larger on a GPU."""
+        return (self.batch_size or (32 if on_gpu else 4)), (self.max_forward_tokens or (4096 if on_gpu else 512))
+
+
+@dataclass
+class ScoreStats:
+    seconds: dict[str, float] = field(default_factory=dict)  # strategy -> wall s (reference); "all" for fast
+    prefix_tokens: int = 0  # shared prefix prefilled once (fast)
+
+
+def score(
+    lm: LoadedModel,
+    info: TokenInfo,
+    tokens: ModelTokens,
+    queries: Sequence[Query],
+    strategies: Sequence[str],
+    params: dict[str, StrategyParams],
+    semantics: str,
+    opts: EngineOptions,
+    on_done: Callable[[str, int], None] | None = None,
+) -> tuple[dict[str, list[SampleOutput]], ScoreStats]:
+    """Outputs per strategy (in query order) and timing; ``on_done(strategy, n)`` reports progress."""
+    if opts.engine not in ENGINES:
+        raise ValueError(f"engine {opts.engine!r}; available: {', '.join(ENGINES)}")
+    outs: dict[str, list[SampleOutput]] = {s: [] for s in strategies}
+    stats = ScoreStats(dict.fromkeys(strategies, 0.0) if opts.engine == "reference" else {"all": 0.0})
+    if opts.engine == "reference":
+        for q in queries:
+            for s in strategies:
+                lmc = CountingLM(lm.forward)  # each strategy on its own, as the paper's code runs them
+                t0 = time.perf_counter()
+                out = REGISTRY[s].run(Context(lmc, info, tokens, q, params[s], semantics))
+                stats.seconds[s] += time.perf_counter() - t0
+                out.tokens_forwarded = lmc.tokens
+                outs[s].append(out)
+                if on_done:
+                    on_done(s, 1)
+        return outs, stats
+    batch, max_fwd = opts.resolved(lm.device.type == "cuda")
+    t0 = time.perf_counter()
+    prompts = [q.prompt_ids for q in queries]
+    p = common_prefix_len(prompts)
+    backend = TreeBackend(lm.model, lm.device, prompts[0][:p] if prompts else (), max_fwd)
+    stats.prefix_tokens = p
+    for start in range(0, len(queries), batch):
+        chunk = queries[start : start + batch]
+        rows = run_batch(
+            backend, [[(s, Context(None, info, tokens, q, params[s], semantics)) for s in strategies] for q in chunk]
+        )
+        for row in rows:
+            for s, out in zip(strategies, row):
+                outs[s].append(out)
+        if on_done:
+            for s in strategies:
+                on_done(s, len(chunk))
+    stats.seconds["all"] = time.perf_counter() - t0
+    return outs, stats
