@@ -2,7 +2,6 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-DEMO_LIMIT ?= 8
 
 .PHONY: setup demo test lint clean
 
@@ -20,7 +19,7 @@ $(BIN)/tokmarg: pyproject.toml
 setup: $(BIN)/tokmarg
 
 demo: setup
-	$(BIN)/tokmarg eval --limit $(DEMO_LIMIT)
+	$(BIN)/tokmarg eval
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -221,3 +221,30 @@ def test_validate_and_strategies_commands(files) -> None:
         app, ["validate", "--dataset", str(REPO / "datasets" / "sample.jsonl"), "--params", str(REPO / "params.yaml")]
     )
     assert res.exit_code == 0, res.output
+
+
+def test_bench_json(tiny_model_dir: Path, files) -> None:
+    data, params = files
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "--models",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--params",
+            str(params),
+            "--limit",
+            "3",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["engines"] == ["reference", "fast"] and out["n_samples"] == 3
+    assert set(out["per_strategy"]) == set(REGISTRY)
+    for p in [*out["per_strategy"].values(), out["all"]]:
+        assert {"speedup", "max_abs_diff", "codes_agree"} <= set(p)
+        assert p["max_abs_diff"] <= 1e-4 and p["codes_agree"]
+    assert out["all"]["token_ratio"] > 5

@@ -91,3 +91,24 @@ def test_eval_cli_on_smollm2(tmp_path: Path) -> None:
     assert manifest["models"] == ["smollm2-135m-instruct"] and manifest["n_samples"] == 2
     for name in REGISTRY:
         assert name in res.output
+
+
+@pytest.mark.parametrize("semantics", ["exact", "paper"])
+def test_fast_engine_matches_reference_on_smollm2(smol, semantics: str) -> None:
+    from toy import assert_same
+
+    from tokmarg.engine.score import EngineOptions, score
+
+    lm, info, tokens = smol
+    ds = load_dataset(REPO / "datasets" / "sample.jsonl", LLAMA_GUARD_3, limit=3)
+    fmt = load_format("instruct")
+    queries = [
+        Query(s.id, prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, LLAMA_GUARD_3)), LLAMA_GUARD_3.labels, True)
+        for s in ds.samples
+    ]
+    params = dict.fromkeys(REGISTRY, StrategyParams(top_p=0.9, max_new_tokens=5, eps=0.02))
+    ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("reference"))
+    fast, _ = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("fast", 2))
+    for name in REGISTRY:
+        for a, b in zip(fast[name], ref[name]):
+            assert_same(a, b, tol=1e-4)

@@ -19,6 +19,7 @@ app = typer.Typer(
 
 DEFAULT_DATASET = "datasets/sample.jsonl"
 DEFAULT_PARAMS = "params.yaml"
+COST_COLS = ("tokens_forwarded_per_sample", "seconds_per_sample")
 HEADLINE_COLS = (
     "f1_micro",
     "hamming_loss",
@@ -39,12 +40,16 @@ def _fail(msg: str) -> typer.Exit:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from tokmarg.config import ConfigError
     from tokmarg.data import DataError
+    from tokmarg.engine import EngineError
     from tokmarg.models import ModelError
     from tokmarg.prompts import PromptError
     from tokmarg.runner import RunError
     from tokmarg.strategies import UnknownStrategy
 
-    return ConfigError, DataError, ModelError, PromptError, RunError, UnknownStrategy
+    return ConfigError, DataError, EngineError, ModelError, PromptError, RunError, UnknownStrategy
+
+
+OOM_HINT = "out of memory: lower --batch-size or --max-forward-tokens (or use a smaller dtype)"
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -140,26 +145,105 @@ def eval_cmd(
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; no run directory written") from None
+    except MemoryError:
+        raise _fail(OOM_HINT) from None
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "out of memory" not in str(e).lower():
+            raise
+        raise _fail(OOM_HINT) from None
     _print_table(metrics, manifest)
     typer.echo(f"run directory: {out}")
+
+
+@app.command("bench")
+def bench_cmd(
+    models: Annotated[list[str] | None, typer.Option(help="the model to benchmark (first one)")] = None,
+    dataset: Annotated[Path, typer.Option(help="JSONL dataset")] = Path(DEFAULT_DATASET),
+    params: Annotated[Path, typer.Option(help="params.yaml")] = Path(DEFAULT_PARAMS),
+    strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = 20,
+    semantics: Annotated[str | None, typer.Option(help="exact | paper (overrides params)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=0, help="samples per fast-engine batch (0 = auto)")] = 0,
+    max_forward_tokens: Annotated[int, typer.Option(min=0, help="tokens per forward call (0 = auto)")] = 0,
+    fast_only: Annotated[bool, typer.Option(help="time the fast engine only (peak memory rows)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Reference vs fast engine: speed, tokens forwarded, agreement."""
+    import json
+
+    from tokmarg.bench import run_bench
+    from tokmarg.config import build_config
+    from tokmarg.data import load_dataset
+    from tokmarg.engine.score import EngineOptions
+
+    try:
+        cfg = build_config(params, _split(models), _split(strategies), semantics, device, dtype)
+        ds = load_dataset(dataset, cfg.taxonomy, limit=limit)
+        res = run_bench(cfg, ds, fast_only=fast_only, opts=EngineOptions("fast", batch_size, max_forward_tokens))
+    except _user_errors() as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted") from None
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    f = res["fast"]
+    typer.echo(
+        f"model {res['model']} on {res['device']} ({res['dtype']}), semantics {res['semantics']}, "
+        f"{res['n_samples']} samples, fast batch {res['batch_size']}"
+    )
+    typer.echo(
+        f"fast, all strategies: {f['samples_per_s']:.3f} samples/s, {f['tokens_per_sample']:.1f} tokens/sample, "
+        f"peak RSS {f['peak_rss_mb']:.0f} MB" + (f", peak GPU {f['peak_gpu_mb']:.0f} MB" if f["peak_gpu_mb"] else "")
+    )
+    if fast_only:
+        return
+    rows = [(name, p) for name, p in res["per_strategy"].items()] + [
+        ("all seven" if len(res["per_strategy"]) == 7 else "all", res["all"])
+    ]
+    typer.echo(
+        f"{'strategy':38s} {'ref/s':>8s} {'fast/s':>8s} {'speedup':>8s} {'ref tok':>9s} {'fast tok':>9s} "
+        f"{'tok ratio':>9s} {'max diff':>9s} codes"
+    )
+    for name, p in rows:
+        typer.echo(
+            f"{name:38s} {p['reference_samples_per_s']:8.3f} {p['fast_samples_per_s']:8.3f} "
+            f"{p['speedup']:8.1f} {p['reference_tokens_per_sample']:9.1f} {p['fast_tokens_per_sample']:9.1f} "
+            f"{p['token_ratio']:9.1f} {p['max_abs_diff']:9.2e} {'agree' if p['codes_agree'] else 'DIFFER'}"
+        )
+    if not res["all"]["codes_agree"]:
+        typer.echo(f"disagreeing (strategy:sample): {', '.join(res['all']['disagreeing'])}")
 
 
 def _print_table(metrics: object, manifest: dict) -> None:
     import pandas as pd
 
     df: pd.DataFrame = metrics  # type: ignore[assignment]
+    fast = manifest["engine"] == "fast"
     typer.echo(
         f"\nsemantics={manifest['semantics']} engine={manifest['engine']} n_samples={manifest['n_samples']} "
         f"dataset={manifest['dataset']}"
     )
     typer.echo(f"note: {manifest['calibration_note']}")
-    cols = [c for c in HEADLINE_COLS if c in df.columns]
+    # with the fast engine the strategies share forwards: cost is reported for all of them together
+    cols = [c for c in HEADLINE_COLS if c in df.columns and not (fast and c in COST_COLS)]
     for model, g in df.groupby("model", sort=False):
         typer.echo(f"\nmodel: {model}")
         t = g.set_index("strategy")[cols].rename(
             columns={"tokens_forwarded_per_sample": "tokens/sample", "seconds_per_sample": "s/sample"}
         )
         typer.echo(t.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
+        if fast:
+            n = max(1, manifest["n_samples"])
+            tok = manifest["tokens_forwarded"][model] / n
+            secs = manifest["timing"][model]["seconds"].get("all", float("nan")) / n
+            prefix = manifest["timing"][model]["prefix_tokens"]
+            typer.echo(
+                f"all strategies together: {secs:.3f} s/sample, {tok:.1f} tokens forwarded/sample "
+                f"(+ a {prefix}-token shared prefix, once)"
+            )
 
 
 def main() -> None:

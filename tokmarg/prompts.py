@@ -106,9 +106,12 @@ def messages(fmt: PromptFormat, sample: Sample, taxonomy: Taxonomy) -> list[dict
 
 def render(tokenizer: object, fmt: PromptFormat, sample: Sample, taxonomy: Taxonomy, answer_prefix: str = "") -> str:
     """The prompt text as the chat template writes it, ending where the answer starts."""
-    text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-        messages(fmt, sample, taxonomy), tokenize=False, add_generation_prompt=True
-    )
+    msgs = messages(fmt, sample, taxonomy)
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
+    except (TemplateError, ValueError, TypeError) as e:  # e.g. no chat template, or roles that must alternate
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptError(f"sample {sample.id} (line {sample.line}): the chat template refused it: {msg}") from None
     return text + answer_prefix
 
 

@@ -163,7 +163,13 @@ def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 10
         u_kw: dict = {}
         if has_safe:
             u_score = np.array([(s or {}).get("unsafe", 0.0) for s in scores]) if has_scores else None
-            u_pred = (u_score >= thr) if kind == "scores" and u_score is not None else y_pred.any(axis=1)
+            if kind == "scores" and u_score is not None:
+                u_pred = u_score >= thr
+            elif kind == "codes":  # the output said unsafe (even without a known code)
+                flags = [json.loads(e).get("unsafe_in_output", 0.0) if isinstance(e, str) else 0.0 for e in g["extra"]]
+                u_pred = np.array(flags, dtype=bool) | y_pred.any(axis=1)
+            else:
+                u_pred = y_pred.any(axis=1)
             u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
         m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=cfg.seed, **u_kw)
         fwd = g["tokens_forwarded"].to_numpy()
@@ -218,13 +224,16 @@ def run_eval(
     """Evaluate every model and write the run directory ``out``; returns (metrics, manifest)."""
     if engine not in ENGINES:
         raise RunError(f"--engine {engine!r} is not available; available: {', '.join(ENGINES)}")
-    if out.exists() and any(out.iterdir()):
-        raise RunError(f"{out}: run directory exists and is not empty; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"{out}: exists and is not an empty directory; choose another --out")
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "predictions").mkdir(parents=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "predictions").mkdir(parents=True)
+    except OSError as e:
+        raise RunError(f"{out}: cannot create the run directory ({e.strerror or e})") from None
     try:
         frames, timing = [], {}
         thresholds: dict[str, dict] = {}

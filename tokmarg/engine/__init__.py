@@ -8,3 +8,7 @@ samples and strategies together, with tree attention over one packed KV cache.
 
 ENGINES = ("fast", "reference")
 DEFAULT_ENGINE = "fast"
+
+
+class EngineError(ValueError):
+    """The chosen engine cannot run this model or these options; one line."""

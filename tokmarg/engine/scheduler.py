@@ -26,6 +26,9 @@ class Backend(Protocol):
         """Logits (vocab,) float32 for every requested node, and the tokens newly forwarded
         for each request group (a node and its missing ancestors count for the first group)."""
 
+    def release(self, sample: int) -> None:
+        """Every program of this sample is done: its logits may be dropped."""
+
     def end(self) -> None:
         """Forget the batch (the shared prefix stays)."""
 
@@ -51,17 +54,22 @@ def run_batch(backend: Backend, contexts: Sequence[Sequence[tuple[str, Context]]
     Returns the outputs in the same shape, each with ``tokens_forwarded`` set; the prompt
     prefill of a sample is attributed to its first strategy.
     """
-    prefill = backend.begin([row[0][1].query.prompt_ids for row in contexts])
+    jobs: list[list[_Job]] = []
     try:
+        prefill = backend.begin([row[0][1].query.prompt_ids for row in contexts])
         jobs = [[_Job(i, REGISTRY[name].program(c)) for name, c in row] for i, row in enumerate(contexts)]
         flat = [job for row in jobs for job in row]
         for job in flat:
             job.step(None)
+        running = set(range(len(jobs)))
         while active := [job for job in flat if job.request is not None]:
             got, new = backend.logits([[(job.sample, p) for p in job.request] for job in active])  # type: ignore[union-attr]
             for job, n in zip(active, new):
                 job.tokens += n
                 job.step([got[(job.sample, p)] for p in job.request])  # type: ignore[union-attr]
+            for i in [i for i in running if all(job.request is None for job in jobs[i])]:
+                running.discard(i)
+                backend.release(i)  # bounded memory: a finished sample's logits go
     finally:
         backend.end()
     out = []
@@ -105,6 +113,10 @@ class MemoBackend:
                     self._store[(i, path)] = self._forward((*self._prompts[i], *path))
             new.append(n)
         return self._store, new
+
+    def release(self, sample: int) -> None:
+        for key in [k for k in self._store if k[0] == sample]:
+            del self._store[key]
 
     def end(self) -> None:
         self._store, self._seen = {}, set()

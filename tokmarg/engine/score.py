@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tokmarg.engine import ENGINES
+from tokmarg.engine import ENGINES, EngineError
 from tokmarg.engine.scheduler import run_batch
-from tokmarg.engine.tree import TreeBackend, common_prefix_len
+from tokmarg.engine.tree import TreeBackend, common_prefix_len, sliding_window
 from tokmarg.models import LoadedModel
 from tokmarg.strategies import REGISTRY, Context, ModelTokens, Query, SampleOutput, StrategyParams, TokenInfo
 from tokmarg.strategies.reference import CountingLM
@@ -23,7 +23,7 @@ class EngineOptions:
     def resolved(self, on_gpu: bool) -> tuple[int, int]:
         """(batch size, max forward tokens): small on a CPU, where attention over a long packed
         cache costs more than it saves; larger on a GPU."""
-        return (self.batch_size or (32 if on_gpu else 4)), (self.max_forward_tokens or (4096 if on_gpu else 512))
+        return (self.batch_size or (32 if on_gpu else 8)), (self.max_forward_tokens or (4096 if on_gpu else 512))
 
 
 @dataclass
@@ -45,7 +45,12 @@ def score(
 ) -> tuple[dict[str, list[SampleOutput]], ScoreStats]:
     """Outputs per strategy (in query order) and timing; ``on_done(strategy, n)`` reports progress."""
     if opts.engine not in ENGINES:
-        raise ValueError(f"engine {opts.engine!r}; available: {', '.join(ENGINES)}")
+        raise EngineError(f"--engine {opts.engine!r} is not available; available: {', '.join(ENGINES)}")
+    if opts.engine == "fast" and (window := sliding_window(lm.model)):
+        raise EngineError(
+            f"model {lm.name!r} uses sliding-window attention (window {window}); the fast engine packs a batch into "
+            "one cache and needs full attention: use --engine reference"
+        )
     outs: dict[str, list[SampleOutput]] = {s: [] for s in strategies}
     stats = ScoreStats(dict.fromkeys(strategies, 0.0) if opts.engine == "reference" else {"all": 0.0})
     if opts.engine == "reference":

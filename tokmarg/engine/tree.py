@@ -21,6 +21,19 @@ import torch
 from tokmarg.engine.scheduler import Node
 
 
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of a sliding-window model (Mistral v0.1, Gemma 2/3, ...), else None.
+
+    The packed cache holds a whole batch, so it outgrows any window: such models need the
+    reference engine (or a cache per sample, not implemented)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if window and (types is None or any("sliding" in str(t) for t in types)):
+        return int(window)
+    return None
+
+
 def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     """Tokens shared by every prompt, keeping at least one own token per prompt."""
     if not prompts:
@@ -53,7 +66,7 @@ class TreeBackend:
 
         self.model, self.device, self.max_forward = model, device, max(1, max_forward_tokens)
         self.dtype = next(model.parameters()).dtype
-        self.cache = DynamicCache(config=model.config)
+        self.cache = DynamicCache()  # full attention layers only (see sliding_window)
         self.prefix = tuple(prefix)
         self.P = len(self.prefix)
         if self.P:
@@ -73,6 +86,7 @@ class TreeBackend:
     # ------------------------------------------------------------ batch lifecycle
 
     def begin(self, prompts: Sequence[tuple[int, ...]]) -> list[int]:
+        assert not self._plen, "begin() called twice without end()"
         pending: list[_Pending] = []
         for i, prompt in enumerate(prompts):
             if tuple(prompt[: self.P]) != self.prefix or len(prompt) <= self.P:
@@ -84,6 +98,11 @@ class TreeBackend:
                 pending.append(_Pending(key, i, tok, self.P + k, chain=True))
         self._forward(pending)
         return [len(p) - self.P for p in prompts]
+
+    def release(self, sample: int) -> None:
+        """A sample's programs are done: drop its logits (its KV stays until ``end``)."""
+        for key in [k for k in self._logits if k[0] == sample]:
+            del self._logits[key]
 
     def end(self) -> None:
         extra = self.cache.get_seq_length() - self.P

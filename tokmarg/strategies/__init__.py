@@ -72,7 +72,8 @@ def greedy_generation(ctx: Context) -> Out:
     """Codes that occur in the greedy output text (no scores)."""
     text, tok_prob, _ = yield from _greedy(ctx)
     codes = tuple(c for c in ctx.query.codes if c in tok_prob)
-    return SampleOutput(None, codes, greedy_text=text)
+    # whether the output says unsafe, for the binary safe/unsafe view (it may name no known code)
+    return SampleOutput(None, codes, greedy_text=text, extra={"unsafe_in_output": float("unsafe" in tok_prob)})
 
 
 @register("token_probability", "scores")

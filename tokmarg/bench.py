@@ -1,0 +1,146 @@
+"""`tokmarg bench`: reference vs fast on the same model, data and params.
+
+Both engines score every sample with every strategy; each strategy is also timed alone on
+the fast engine. Reported per strategy and for all together: samples/s per engine, the
+speed ratio, tokens forwarded per sample, the largest score difference, and whether the
+predicted codes agree (a sample where they do not is listed, never hidden: e.g. a
+probability within 1e-5 of a pruning boundary can change a tree).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tokmarg.config import Config
+from tokmarg.data import Dataset
+from tokmarg.engine.score import EngineOptions, score
+from tokmarg.models import load_model, model_view
+from tokmarg.prompts import load_format, prompt_ids, render
+from tokmarg.strategies import REGISTRY, Query, SampleOutput
+from tokmarg.strategies.uncertainty import finalize
+
+AGREE_TOL = 1e-4
+
+
+@dataclass
+class _Run:
+    outs: dict[str, list[SampleOutput]]
+    seconds: dict[str, float]
+
+
+def _codes(out: SampleOutput, kind: str, threshold: float, codes: Sequence[str]) -> tuple[str, ...]:
+    if kind == "scores":
+        return tuple(c for c in codes if (out.scores or {}).get(c, 0.0) >= threshold)
+    return out.pred_labels
+
+
+def _diff(a: SampleOutput, b: SampleOutput) -> float:
+    if a.scores is None or b.scores is None:  # one engine gave scores, the other none: never agree
+        return 0.0 if a.scores is b.scores else 1e9
+    keys = set(a.scores) | set(b.scores)
+    return max((abs(a.scores.get(k, 0.0) - b.scores.get(k, 0.0)) for k in keys), default=0.0)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: EngineOptions | None = None) -> dict:
+    """Benchmark the first model of ``cfg`` on ``ds``; returns the SPEC §6 bench object."""
+    mc = cfg.models[0]
+    lm = load_model(mc.name, mc.device, mc.dtype)
+    info, tokens = model_view(lm, cfg.taxonomy.codes)
+    fmt = load_format(mc.prompt)
+    queries = [
+        Query(
+            s.id,
+            prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, mc.taxonomy, mc.answer_prefix)),
+            cfg.taxonomy.labels,
+            ds.has_safe,
+        )
+        for s in ds.samples
+    ]
+    truth = [s.labels for s in ds.samples]
+    fast_opts = opts or EngineOptions("fast")
+    strategies = list(cfg.strategies)
+    n = len(queries)
+
+    def run(engine_opts: EngineOptions, names: Sequence[str]) -> _Run:
+        t0 = time.perf_counter()
+        outs, stats = score(lm, info, tokens, queries, names, mc.params, cfg.semantics, engine_opts)
+        for s in names:
+            if REGISTRY[s].kind == "uncertainty":
+                finalize(outs[s], truth, cfg.calibration, cfg.seed)
+        secs = dict(stats.seconds)
+        secs["total"] = time.perf_counter() - t0
+        return _Run(outs, secs)
+
+    if queries:
+        lm.forward(queries[0].prompt_ids[:16])  # warm-up: first-call setup is not timed
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    fast = run(fast_opts, strategies)
+    result: dict = {
+        "engines": ["fast"] if fast_only else ["reference", "fast"],
+        "model": mc.name,
+        "semantics": cfg.semantics,
+        "n_samples": n,
+        "batch_size": fast_opts.resolved(lm.device.type == "cuda")[0],
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "fast": {
+            "samples_per_s": n / fast.seconds["total"],
+            "tokens_per_sample": sum(o.tokens_forwarded for s in strategies for o in fast.outs[s]) / n,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        },
+    }
+    if fast_only:
+        return result
+    ref = run(EngineOptions("reference"), strategies)
+    per: dict[str, dict] = {}
+    bad_all: list[str] = []
+    for s in strategies:
+        alone = run(fast_opts, [s])
+        kind, thr = REGISTRY[s].kind, mc.params[s].threshold
+        diffs = [_diff(a, b) for a, b in zip(fast.outs[s], ref.outs[s])]
+        disagree = [
+            q.sample_id
+            for q, a, b, d in zip(queries, fast.outs[s], ref.outs[s], diffs)
+            if d > AGREE_TOL or _codes(a, kind, thr, cfg.taxonomy.codes) != _codes(b, kind, thr, cfg.taxonomy.codes)
+        ]
+        bad_all += [f"{s}:{i}" for i in disagree]
+        ref_tok = sum(o.tokens_forwarded for o in ref.outs[s]) / n
+        fast_tok = sum(o.tokens_forwarded for o in alone.outs[s]) / n
+        per[s] = {
+            "reference_samples_per_s": n / ref.seconds[s],
+            "fast_samples_per_s": n / alone.seconds["total"],
+            "speedup": ref.seconds[s] / alone.seconds["total"],
+            "reference_tokens_per_sample": ref_tok,
+            "fast_tokens_per_sample": fast_tok,
+            "token_ratio": ref_tok / max(fast_tok, 1e-9),
+            "max_abs_diff": max(d for d in diffs) if diffs else 0.0,
+            "codes_agree": not disagree,
+            "disagreeing_samples": disagree,
+        }
+    ref_total = sum(ref.seconds[s] for s in strategies)
+    ref_tok = sum(o.tokens_forwarded for s in strategies for o in ref.outs[s]) / n
+    result["per_strategy"] = per
+    result["all"] = {
+        "reference_samples_per_s": n / ref_total,
+        "fast_samples_per_s": result["fast"]["samples_per_s"],
+        "speedup": ref_total / fast.seconds["total"],
+        "reference_tokens_per_sample": ref_tok,
+        "fast_tokens_per_sample": result["fast"]["tokens_per_sample"],
+        "token_ratio": ref_tok / max(result["fast"]["tokens_per_sample"], 1e-9),
+        "max_abs_diff": max(p["max_abs_diff"] for p in per.values()),
+        "codes_agree": not bad_all,
+        "disagreeing": bad_all,
+    }
+    return result
