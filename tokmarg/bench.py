@@ -20,8 +20,8 @@ from tokmarg.config import Config
 from tokmarg.data import Dataset
 from tokmarg.engine.score import EngineOptions, score
 from tokmarg.models import load_model, model_view
-from tokmarg.prompts import load_format, prompt_ids, render
-from tokmarg.strategies import REGISTRY, Query, SampleOutput
+from tokmarg.runner import build_queries
+from tokmarg.strategies import REGISTRY, SampleOutput
 from tokmarg.strategies.uncertainty import finalize
 
 AGREE_TOL = 1e-4
@@ -56,16 +56,7 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
     mc = cfg.models[0]
     lm = load_model(mc.name, mc.device, mc.dtype)
     info, tokens = model_view(lm, cfg.taxonomy.codes)
-    fmt = load_format(mc.prompt)
-    queries = [
-        Query(
-            s.id,
-            prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, mc.taxonomy, mc.answer_prefix)),
-            cfg.taxonomy.labels,
-            ds.has_safe,
-        )
-        for s in ds.samples
-    ]
+    queries = build_queries(lm, mc, cfg, ds)
     truth = [s.labels for s in ds.samples]
     fast_opts = opts or EngineOptions("fast")
     strategies = list(cfg.strategies)

@@ -27,7 +27,7 @@ from tokmarg.data import Dataset
 from tokmarg.engine import ENGINES
 from tokmarg.engine.score import EngineOptions, score
 from tokmarg.metrics import compute_metrics
-from tokmarg.models import load_model, model_view
+from tokmarg.models import LoadedModel, load_model, model_view
 from tokmarg.prompts import load_format, prompt_ids, render
 from tokmarg.strategies import REGISTRY, Query, SampleOutput
 from tokmarg.strategies.uncertainty import finalize
@@ -53,6 +53,20 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
+def build_queries(lm: LoadedModel, mc: ModelConfig, cfg: Config, ds: Dataset) -> list[Query]:
+    """Each sample's prompt as this model sees it (its prompt format, chat template and taxonomy)."""
+    fmt = load_format(mc.prompt)
+    return [
+        Query(
+            sample.id,
+            prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, sample, mc.taxonomy, mc.answer_prefix)),
+            cfg.taxonomy.labels,
+            ds.has_safe,
+        )
+        for sample in ds.samples
+    ]
+
+
 def score_model(
     mc: ModelConfig,
     cfg: Config,
@@ -67,18 +81,8 @@ def score_model(
     opts = opts or EngineOptions()
     t0 = time.perf_counter()
     lm = load_model(mc.name, mc.device, mc.dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    labels = cfg.taxonomy.labels
     info, tokens = model_view(lm, cfg.taxonomy.codes)
-    fmt = load_format(mc.prompt)
-    queries = [
-        Query(
-            sample.id,
-            prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, sample, mc.taxonomy, mc.answer_prefix)),
-            labels,
-            ds.has_safe,
-        )
-        for sample in ds.samples
-    ]
+    queries = build_queries(lm, mc, cfg, ds)
     load_s = time.perf_counter() - t0
     bars = {
         s: tqdm(
