@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from tokmarg.data import Sample, Turn
+from tokmarg.engine.tree import common_prefix_len
 from tokmarg.prompts import (
     BUILTIN_FORMATS,
     PromptError,
@@ -24,7 +25,6 @@ from tokmarg.prompts import (
     messages,
     prompt_ids,
     render,
-    shared_prefix_len,
 )
 from tokmarg.taxonomy import LLAMA_GUARD_2, LLAMA_GUARD_3, taxonomy_from_mapping
 
@@ -284,14 +284,7 @@ def test_instruct_shares_prefix_across_samples() -> None:
     pa = prompt_ids(tok, render(tok, fmt, a, LLAMA_GUARD_3))
     pb = prompt_ids(tok, render(tok, fmt, b, LLAMA_GUARD_3))
     prefix = render(tok, fmt, a, LLAMA_GUARD_3).index("User: How do I bake bread?")
-    assert shared_prefix_len(pa, pb) >= prefix
-
-
-def test_shared_prefix_len() -> None:
-    assert shared_prefix_len([1, 2, 3], [1, 2, 4]) == 2
-    assert shared_prefix_len([1, 2], [1, 2, 3]) == 2
-    assert shared_prefix_len([], [1]) == 0
-    assert shared_prefix_len([5], [6]) == 0
+    assert common_prefix_len([pa, pb]) >= prefix
 
 
 # --- user template files ----------------------------------------------------------------

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from tokmarg.engine import DEFAULT_ENGINE
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -106,7 +108,9 @@ def eval_cmd(
     strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies (default: all in params)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
     semantics: Annotated[str | None, typer.Option(help="exact | paper (overrides params)")] = None,
-    engine: Annotated[str, typer.Option(help="fast (KV cache, tree attention) | reference (full forwards)")] = "fast",
+    engine: Annotated[
+        str, typer.Option(help="fast (KV cache, tree attention) | reference (full forwards)")
+    ] = DEFAULT_ENGINE,
     batch_size: Annotated[int, typer.Option(min=0, help="samples per fast-engine batch (0 = auto)")] = 0,
     max_forward_tokens: Annotated[int, typer.Option(min=0, help="tokens per forward call (0 = auto)")] = 0,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,

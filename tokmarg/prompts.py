@@ -10,7 +10,6 @@ is judged) and ``categories`` (list of {code, name, description}).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +117,3 @@ def render(tokenizer: object, fmt: PromptFormat, sample: Sample, taxonomy: Taxon
 def prompt_ids(tokenizer: object, text: str) -> tuple[int, ...]:
     """Tokenize as the chat template wrote it: no BOS beyond what the template itself has."""
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
-
-
-def shared_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -12,7 +12,6 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from tokmarg.config import Config, ModelConfig
 from tokmarg.data import Dataset
-from tokmarg.engine import ENGINES
+from tokmarg.engine import DEFAULT_ENGINE, ENGINES
 from tokmarg.engine.score import EngineOptions, score
 from tokmarg.metrics import compute_metrics
 from tokmarg.models import LoadedModel, load_model, model_view
@@ -216,12 +215,11 @@ def run_eval(
     ds: Dataset,
     out: Path,
     *,
-    engine: str = "fast",
+    engine: str = DEFAULT_ENGINE,
     command: str = "",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
-    on_model_done: Callable[[str], None] | None = None,
     batch_size: int = 0,
     max_forward_tokens: int = 0,
 ) -> tuple[pd.DataFrame, dict]:
@@ -260,8 +258,6 @@ def run_eval(
                 "prefix_tokens": run.prefix_tokens,
             }
             thresholds[mc.name] = run.thresholds
-            if on_model_done:
-                on_model_done(mc.name)
         pred = pd.concat(frames, ignore_index=True)
         metrics = metrics_table(pred, cfg, ds)
         # reference: each strategy's own time; fast: the strategies share forwards, so every row

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tokmarg.engine import ENGINES, EngineError
+from tokmarg.engine import DEFAULT_ENGINE, ENGINES, EngineError
 from tokmarg.engine.scheduler import run_batch
 from tokmarg.engine.tree import TreeBackend, common_prefix_len, sliding_window
 from tokmarg.models import LoadedModel
@@ -16,7 +16,7 @@ from tokmarg.strategies.reference import CountingLM
 
 @dataclass(frozen=True)
 class EngineOptions:
-    engine: str = "fast"
+    engine: str = DEFAULT_ENGINE
     batch_size: int = 0  # samples per fast batch; 0 = auto
     max_forward_tokens: int = 0  # tokens per forward call; 0 = auto
 
