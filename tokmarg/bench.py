@@ -20,9 +20,10 @@ from tokmarg.config import Config
 from tokmarg.data import Dataset
 from tokmarg.engine.score import EngineOptions, score
 from tokmarg.models import load_model, model_view
-from tokmarg.runner import build_queries
+from tokmarg.prompts import load_format
 from tokmarg.strategies import REGISTRY, SampleOutput
 from tokmarg.strategies.uncertainty import finalize
+from tokmarg.worker import build_queries
 
 AGREE_TOL = 1e-4
 
@@ -56,7 +57,7 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
     mc = cfg.models[0]
     lm = load_model(mc.name, mc.device, mc.dtype)
     info, tokens = model_view(lm, cfg.taxonomy.codes)
-    queries = build_queries(lm, mc, cfg, ds)
+    queries = build_queries(lm, mc, load_format(mc.prompt), cfg.taxonomy.labels, ds.samples, ds.has_safe)
     truth = [s.labels for s in ds.samples]
     fast_opts = opts or EngineOptions("fast")
     strategies = list(cfg.strategies)
@@ -135,3 +136,54 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
         "disagreeing": bad_all,
     }
     return result
+
+
+def run_actor_bench(
+    cfg: Config,
+    ds: Dataset,
+    actors: Sequence[int],
+    *,
+    partition_size: int = 8,
+    opts: EngineOptions | None = None,
+    address: str | None = None,
+) -> dict:
+    """`tokmarg eval` of the first model on Ray with 1, 2, ... CPU actors (replicas of one model).
+
+    Each actor gets an equal share of the cores (threads = its CPUs), so the total never
+    exceeds the machine. Throughput counts the scoring phase only (actors loaded, first
+    partition sent, to last result written); start-up (Ray, actor processes, model load) is
+    reported apart.
+    """
+    import os
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tokmarg.launch.cluster import RayLauncher
+    from tokmarg.runner import RunOptions, run_eval
+
+    cfg = replace(cfg, models=cfg.models[:1])
+    cores = os.cpu_count() or 1
+    rows = []
+    for n in actors:
+        with tempfile.TemporaryDirectory(prefix="tokmarg-bench-") as tmp:
+            launcher = RayLauncher(address, replicas=n, gpus_per_actor=0, cpus_per_actor=max(1, cores // n))
+            run_opts = RunOptions(opts or EngineOptions("fast"), partition_size, progress=False)
+            t0 = time.perf_counter()
+            _, manifest = run_eval(cfg, ds, Path(tmp) / "run", launcher, run_opts, log=lambda _m: None)
+            total = time.perf_counter() - t0
+        launch, timing = manifest["launch"], manifest["timing"][cfg.models[0].name]
+        rows.append(
+            {
+                "actors": n,
+                "cpus_per_actor": launch["cpus_per_actor"],
+                "samples_per_s": len(ds.samples) / launch["run_seconds"],
+                "run_seconds": launch["run_seconds"],
+                "start_seconds": launch["start_seconds"],
+                "end_to_end_seconds": total,
+                "tokens_per_sample": timing["tokens_forwarded"] / len(ds.samples),
+                "forward_calls": timing["forward_calls"],
+                "partitions_by_worker": timing["partitions_by_worker"],
+            }
+        )
+    return {"model": cfg.models[0].name, "n_samples": len(ds.samples), "partition_size": partition_size, "rows": rows}

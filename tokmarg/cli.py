@@ -45,7 +45,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tokmarg.engine import EngineError
     from tokmarg.models import ModelError
     from tokmarg.prompts import PromptError
-    from tokmarg.runner import RunError
+    from tokmarg.rundir import RunError
     from tokmarg.strategies import UnknownStrategy
 
     return ConfigError, DataError, EngineError, ModelError, PromptError, RunError, UnknownStrategy
@@ -97,6 +97,31 @@ def validate_cmd(
     )
 
 
+RESUME_FIXED = (
+    "models", "dataset", "params", "strategies", "limit", "semantics", "engine", "device", "dtype",
+    "skip_invalid", "partition_size", "trust_remote_code", "allow_pickle", "out",
+)  # fmt: skip
+
+
+def _resume_args(run_dir: Path, ctx: typer.Context) -> dict:
+    """The stored inputs of a run; options that would change its results may not be given again."""
+    import json
+
+    def on_command_line(name: str) -> bool:  # typer vendors click: compare the source by name
+        return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+
+    given = [k for k in RESUME_FIXED if on_command_line(k)]
+    if given or ctx.args:
+        opts = ", ".join("--" + k.replace("_", "-") for k in given) or " ".join(ctx.args)
+        raise _fail(f"--resume takes the run's inputs from {run_dir / 'run.json'}; drop {opts}")
+    f = run_dir / "run.json"
+    try:
+        args = json.loads(f.read_text(encoding="utf-8"))["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _fail(f"{f}: cannot resume: not a tokmarg run ({e.__class__.__name__})") from None
+    return args
+
+
 @app.command("eval", context_settings={"allow_extra_args": True})
 def eval_cmd(
     ctx: typer.Context,
@@ -114,49 +139,123 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(min=0, help="samples per fast-engine batch (0 = auto)")] = 0,
     max_forward_tokens: Annotated[int, typer.Option(min=0, help="tokens per forward call (0 = auto)")] = 0,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<timestamp>)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory (its own inputs)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     skip_invalid: Annotated[bool, typer.Option(help="skip invalid dataset lines (counted in the manifest)")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow a model's own Python code (unsafe)")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints (unsafe)")] = False,
+    partition_size: Annotated[int, typer.Option(min=1, help="samples per partition (unit of work and resume)")] = 32,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="score in this process, one model at a time")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="join a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default: start one)")
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="actors per model")] = 1,
+    gpus_per_actor: Annotated[
+        float | None, typer.Option(min=0, help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
+    ] = None,
+    cpus_per_actor: Annotated[
+        float | None, typer.Option(min=0, help="CPUs per actor (default: GPU actors 1, CPU actors a fair share)")
+    ] = None,
+    max_restarts: Annotated[int, typer.Option(min=0, help="restarts of a crashed actor (its call is retried)")] = 3,
+    dashboard_host: Annotated[
+        str, typer.Option(help="interface of the local Ray dashboard (anything but 127.0.0.1 exposes it)")
+    ] = "127.0.0.1",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """Score a dataset with every strategy and print the strategy x metric table."""
+    """Score a dataset with every strategy on every model and print the strategy x model tables."""
     from tokmarg.config import build_config
     from tokmarg.data import load_dataset
-    from tokmarg.runner import run_eval
+    from tokmarg.engine.score import EngineOptions
+    from tokmarg.runner import RunOptions, run_eval
 
-    out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if ctx.args and not models:
-        raise _fail(f"unexpected argument(s): {' '.join(ctx.args)}")
-    names = _split([*(models or []), *ctx.args])  # `--models A B C` as well as `--models A,B`
+    if resume is not None:
+        a = _resume_args(resume, ctx)
+        out = resume
+    else:
+        if ctx.args and not models:
+            raise _fail(f"unexpected argument(s): {' '.join(ctx.args)}")
+        a = {
+            "models": _split([*(models or []), *ctx.args]),  # `--models A B C` as well as `--models A,B`
+            "dataset": str(dataset.resolve()),
+            "params": str(params.resolve()),
+            "strategies": _split(strategies),
+            "limit": limit,
+            "semantics": semantics,
+            "engine": engine,
+            "device": device,
+            "dtype": dtype,
+            "skip_invalid": skip_invalid,
+            "partition_size": partition_size,
+            "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle,
+        }
+        out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
-        cfg = build_config(params, names, _split(strategies), semantics, device, dtype)
-        ds = load_dataset(dataset, cfg.taxonomy, skip_invalid=skip_invalid, limit=limit)
+        cfg = build_config(a["params"], a["models"], a["strategies"], a["semantics"], a["device"], a["dtype"])
+        ds = load_dataset(Path(a["dataset"]), cfg.taxonomy, skip_invalid=a["skip_invalid"], limit=a["limit"])
+        opts = RunOptions(
+            EngineOptions(a["engine"], batch_size, max_forward_tokens),
+            a["partition_size"],
+            a["trust_remote_code"],
+            a["allow_pickle"],
+            progress,
+            shlex.join(["tokmarg", *sys.argv[1:]]),
+            a,
+        )
         metrics, manifest = run_eval(
             cfg,
             ds,
             out,
-            engine=engine,
-            command=shlex.join(["tokmarg", *sys.argv[1:]]),
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            progress=progress,
-            batch_size=batch_size,
-            max_forward_tokens=max_forward_tokens,
+            _launcher(no_ray, address, replicas, gpus_per_actor, cpus_per_actor, max_restarts, dashboard_host),
+            opts,
         )
     except _user_errors() as e:
-        raise _fail(str(e)) from None
+        raise _fail(str(e) + _kept(out)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted; no run directory written") from None
+        raise _fail("interrupted" + (_kept(out) or "; no run directory written")) from None
     except MemoryError:
-        raise _fail(OOM_HINT) from None
+        raise _fail(OOM_HINT + _kept(out)) from None
     except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
         if "out of memory" not in str(e).lower():
             raise
-        raise _fail(OOM_HINT) from None
+        raise _fail(OOM_HINT + _kept(out)) from None
     _print_table(metrics, manifest)
     typer.echo(f"run directory: {out}")
+
+
+def _launcher(
+    no_ray: bool,
+    address: str | None,
+    replicas: int,
+    gpus: float | None,
+    cpus: float | None,
+    max_restarts: int,
+    dashboard_host: str,
+) -> object:
+    if no_ray:
+        if address or replicas != 1 or gpus:
+            raise _fail("--no-ray scores in this process: drop --address, --replicas and --gpus-per-actor")
+        from tokmarg.launch.local import LocalLauncher
+
+        return LocalLauncher(threads=int(cpus or 0))
+    from tokmarg.launch.cluster import RayLauncher
+
+    return RayLauncher(
+        address,
+        replicas=replicas,
+        gpus_per_actor=gpus,
+        cpus_per_actor=cpus,
+        max_restarts=max_restarts,
+        dashboard_host=dashboard_host,
+    )
+
+
+def _kept(out: Path | None) -> str:
+    """The hint after a failure that left finished partitions behind."""
+    if out is not None and (out / "run.json").is_file():
+        return f"; finished partitions are kept: `tokmarg eval --resume {out}` continues the run"
+    return ""
 
 
 @app.command("bench")
@@ -172,12 +271,17 @@ def bench_cmd(
     batch_size: Annotated[int, typer.Option(min=0, help="samples per fast-engine batch (0 = auto)")] = 0,
     max_forward_tokens: Annotated[int, typer.Option(min=0, help="tokens per forward call (0 = auto)")] = 0,
     fast_only: Annotated[bool, typer.Option(help="time the fast engine only (peak memory rows)")] = False,
+    actors: Annotated[
+        str | None, typer.Option(help="instead: eval throughput on Ray with these CPU actor counts, e.g. 1,2")
+    ] = None,
+    partition_size: Annotated[int, typer.Option(min=1, help="samples per partition (with --actors)")] = 8,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (with --actors; default: local)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Reference vs fast engine: speed, tokens forwarded, agreement."""
+    """Reference vs fast engine: speed, tokens forwarded, agreement (or, with --actors, Ray throughput)."""
     import json
 
-    from tokmarg.bench import run_bench
+    from tokmarg.bench import run_actor_bench, run_bench
     from tokmarg.config import build_config
     from tokmarg.data import load_dataset
     from tokmarg.engine.score import EngineOptions
@@ -185,11 +289,30 @@ def bench_cmd(
     try:
         cfg = build_config(params, _split(models), _split(strategies), semantics, device, dtype)
         ds = load_dataset(dataset, cfg.taxonomy, limit=limit)
-        res = run_bench(cfg, ds, fast_only=fast_only, opts=EngineOptions("fast", batch_size, max_forward_tokens))
+        eng = EngineOptions("fast", batch_size, max_forward_tokens)
+        if actors:
+            try:
+                counts = [int(a) for a in _split([actors]) or []]
+            except ValueError:
+                raise _fail(f"--actors {actors!r}: expected counts such as 1,2") from None
+            res = run_actor_bench(cfg, ds, counts, partition_size=partition_size, opts=eng, address=address)
+        else:
+            res = run_bench(cfg, ds, fast_only=fast_only, opts=eng)
     except _user_errors() as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted") from None
+    if actors and not as_json:
+        typer.echo(f"model {res['model']}, {res['n_samples']} samples, partitions of {res['partition_size']}")
+        typer.echo(
+            f"{'actors':>6s} {'CPU each':>8s} {'samples/s':>9s} {'scoring s':>9s} {'start s':>8s} {'tok/sample':>10s}"
+        )
+        for r in res["rows"]:
+            typer.echo(
+                f"{r['actors']:6d} {r['cpus_per_actor']:8g} {r['samples_per_s']:9.3f} {r['run_seconds']:9.1f} "
+                f"{r['start_seconds']:8.1f} {r['tokens_per_sample']:10.1f}"
+            )
+        return
     if as_json:
         typer.echo(json.dumps(res))
         return
@@ -224,6 +347,8 @@ def bench_cmd(
 def _print_table(metrics: object, manifest: dict) -> None:
     import pandas as pd
 
+    from tokmarg.reduce import HEADLINE
+
     df: pd.DataFrame = metrics  # type: ignore[assignment]
     fast = manifest["engine"] == "fast"
     typer.echo(
@@ -231,23 +356,43 @@ def _print_table(metrics: object, manifest: dict) -> None:
         f"dataset={manifest['dataset']}"
     )
     typer.echo(f"note: {manifest['calibration_note']}")
-    # with the fast engine the strategies share forwards: cost is reported for all of them together
-    cols = [c for c in HEADLINE_COLS if c in df.columns and not (fast and c in COST_COLS)]
-    for model, g in df.groupby("model", sort=False):
-        typer.echo(f"\nmodel: {model}")
-        t = g.set_index("strategy")[cols].rename(
+    fmt = lambda v: f"{v:.4f}"  # noqa: E731
+    if df["model"].nunique() == 1:
+        # with the fast engine the strategies share forwards: cost is reported for all of them together
+        cols = [c for c in HEADLINE_COLS if c in df.columns and not (fast and c in COST_COLS)]
+        typer.echo(f"\nmodel: {df['model'].iloc[0]}")
+        t = df.set_index("strategy")[cols].rename(
             columns={"tokens_forwarded_per_sample": "tokens/sample", "seconds_per_sample": "s/sample"}
         )
-        typer.echo(t.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
+        typer.echo(t.to_string(float_format=fmt, na_rep="-"))
+    else:  # strategies x models, one table per headline metric, with the cross-model summary
+        for metric, higher in HEADLINE:
+            wide = df.pivot(index="strategy", columns="model", values=metric)
+            wide = wide.reindex(index=pd.unique(df["strategy"]), columns=pd.unique(df["model"]))
+            wide.columns = [_short_name(c) for c in wide.columns]
+            wide["mean"] = wide.mean(axis=1)
+            wide["worst"] = wide.iloc[:, :-1].min(axis=1) if higher else wide.iloc[:, :-1].max(axis=1)
+            typer.echo(f"\n{metric} ({'higher' if higher else 'lower'} is better)")
+            typer.echo(wide.to_string(float_format=fmt, na_rep="-"))
+    typer.echo("")
+    for model in pd.unique(df["model"]):
+        n = max(1, manifest["n_samples"])
+        tok = manifest["tokens_forwarded"][model] / n
+        t = manifest["timing"][model]
+        where = ", ".join(f"{k}: {v}" for k, v in t.get("partitions_by_worker", {}).items())
         if fast:
-            n = max(1, manifest["n_samples"])
-            tok = manifest["tokens_forwarded"][model] / n
-            secs = manifest["timing"][model]["seconds"].get("all", float("nan")) / n
-            prefix = manifest["timing"][model]["prefix_tokens"]
+            secs = t["seconds"].get("all", float("nan")) / n
             typer.echo(
-                f"all strategies together: {secs:.3f} s/sample, {tok:.1f} tokens forwarded/sample "
-                f"(+ a {prefix}-token shared prefix, once)"
+                f"{_short_name(model)}: all strategies together {secs:.3f} s/sample, {tok:.1f} tokens forwarded/sample "
+                f"(+ a {t['prefix_tokens']}-token shared prefix per partition); partitions by worker: {where}"
             )
+        else:
+            typer.echo(f"{_short_name(model)}: {tok:.1f} tokens forwarded/sample; partitions by worker: {where}")
+
+
+def _short_name(model: str) -> str:
+    """A model column header: the last path part of a local directory."""
+    return Path(model).name if "/" in model and Path(model).exists() else model
 
 
 def main() -> None:

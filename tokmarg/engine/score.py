@@ -30,6 +30,7 @@ class EngineOptions:
 class ScoreStats:
     seconds: dict[str, float] = field(default_factory=dict)  # strategy -> wall s (reference); "all" for fast
     prefix_tokens: int = 0  # shared prefix prefilled once (fast)
+    forward_calls: int = 0  # model calls after the prefix (fast): the sequential steps
 
 
 def score(
@@ -83,4 +84,5 @@ def score(
             for s in strategies:
                 on_done(s, len(chunk))
     stats.seconds["all"] = time.perf_counter() - t0
+    stats.forward_calls = backend.calls
     return outs, stats

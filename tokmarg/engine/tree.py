@@ -69,6 +69,7 @@ class TreeBackend:
         self.cache = DynamicCache()  # full attention layers only (see sliding_window)
         self.prefix = tuple(prefix)
         self.P = len(self.prefix)
+        self.calls = 0  # model forward calls after the prefix (each a sequential step on a GPU)
         if self.P:
             with torch.inference_mode():
                 ids = torch.tensor([self.prefix], device=device)
@@ -139,6 +140,7 @@ class TreeBackend:
             self._forward_chunk(pending[start : start + self.max_forward])
 
     def _forward_chunk(self, chunk: list[_Pending]) -> None:
+        self.calls += 1
         q = len(chunk)
         rows: list[list[int]] = []  # per token: cache indices it may see beyond the prefix
         for k, item in enumerate(chunk):

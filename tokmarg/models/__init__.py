@@ -130,8 +130,13 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a preset name, a local directory or a Hugging Face id (from the local HF cache or hub)."""
+    """Load a preset name, a local directory or a Hugging Face id (from the local HF cache or hub).
+
+    ``device_map="auto"`` spreads a model too big for one GPU over every visible GPU (accelerate);
+    inputs then go to the device of the input embeddings.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -146,12 +151,20 @@ def load_model(
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
+            source,
+            dtype=dt,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            **({"device_map": device_map} if device_map else {}),
         )
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {name!r}: {msg}") from None
-    model.to(dev).eval()
+    if device_map:
+        dev = model.get_input_embeddings().weight.device
+    else:
+        model.to(dev)
+    model.eval()
     return LoadedModel(name, model, tok, dev, dt)
 
 

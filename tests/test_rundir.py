@@ -1,0 +1,204 @@
+"""Run directories: atomic partition files, resume, exactly-once (tier b, no Ray).
+
+The driver is interrupted by a worker that raises KeyboardInterrupt on its n-th partition,
+as Ctrl-C would; `--resume` must then redo only the missing partitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tokmarg.cli import app
+from tokmarg.rundir import RunDir, RunError, atomic_write, plan
+from tokmarg.strategies import REGISTRY
+from tokmarg.worker import Worker
+
+ROWS = [
+    {"id": f"r{i}", "prompt": f"question number {i}", "labels": [["S1"], ["S2", "S10"], [], ["S14"]][i % 4]}
+    for i in range(7)
+]
+PARAMS = """
+strategies:
+  token_probability: {max_new_tokens: 3}
+  marginal_probability_at_any_place: {max_new_tokens: 2, eps: 0.05, top_p: 0.9}
+  LogTokU: {}
+"""
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS, encoding="utf-8")
+    return data, params
+
+
+def _eval(model: Path, data: Path, params: Path, out: Path, *extra: str):
+    args = ["eval", "--models", str(model), "--dataset", str(data), "--params", str(params), "--out", str(out)]
+    return CliRunner().invoke(app, [*args, "--partition-size", "2", "--no-progress", "--no-ray", *extra])
+
+
+def _files(out: Path) -> dict[str, tuple[int, int]]:
+    """Partition file -> (inode, mtime_ns): a rewritten file changes both."""
+    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("partitions/*/*")}
+
+
+def _pred(out: Path) -> pd.DataFrame:
+    df = pd.concat(pd.read_parquet(p) for p in sorted((out / "predictions").glob("*.parquet")))
+    return df.sort_values(["model", "strategy", "sample_id"]).reset_index(drop=True)
+
+
+def test_plan_covers_every_sample_once() -> None:
+    assert plan(7, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert plan(4, 10) == [(0, 4)]
+    with pytest.raises(RunError, match="partition-size"):
+        plan(3, 0)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    target.write_bytes(b"old")
+
+    with pytest.raises(TypeError):
+        atomic_write(target, object())  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left behind
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_partition_is_written_once(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "run")
+    rows = [{"model": "m", "strategy": "s", "sample_id": "a", "x": 1}]
+    assert rd.write_partition("m", 0, rows, {"index": 0}) is True
+    assert rd.write_partition("m", 0, [{**rows[0], "x": 2}], {"index": 0}) is False  # a retried duplicate
+    assert pd.read_parquet(rd.part_path("m", 0)).x.tolist() == [1]
+    assert rd.done("m", 3) == {0}
+
+
+def test_partition_with_wrong_content_is_refused(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "run")
+    rd.write_partition("m", 0, [{"model": "m", "strategy": "s", "sample_id": "a"}], {})
+    with pytest.raises(RunError, match=r"part-00000\.parquet: does not hold exactly the 2 results"):
+        rd.read_partitions("m", [(0, ["a", "b"])], ["s"])
+    with pytest.raises(RunError, match=r"part-00001\.parquet: missing; run `tokmarg eval --resume"):
+        rd.read_partitions("m", [(1, ["c"])], ["s"])
+
+
+def test_directory_that_is_not_a_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(RunError, match="holds no tokmarg run"):
+        RunDir(out).stored()
+    (out / "run.json").write_text("{broken")
+    with pytest.raises(RunError, match="run.json: not a tokmarg run file"):
+        RunDir(out).stored()
+
+
+def test_interrupted_run_resumes_only_missing_partitions(
+    tiny_model_dir: Path, inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, params = inputs
+    full = tmp_path / "full"
+    assert _eval(tiny_model_dir, data, params, full).exit_code == 0
+
+    out = tmp_path / "run"
+    real = Worker.run_partition
+    calls = []
+
+    def flaky(self, part):  # Ctrl-C while the third partition is being scored
+        calls.append(part.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, part)
+
+    monkeypatch.setattr(Worker, "run_partition", flaky)
+    res = _eval(tiny_model_dir, data, params, out)
+    assert res.exit_code == 2
+    assert res.output.strip() == (
+        f"error: interrupted; finished partitions are kept: `tokmarg eval --resume {out}` continues the run"
+    )
+    before = _files(out)
+    assert len(before) == 2 and not (out / "manifest.json").exists()
+    monkeypatch.setattr(Worker, "run_partition", real)
+
+    calls.clear()
+    monkeypatch.setattr(Worker, "run_partition", lambda self, part: (calls.append(part.index), real(self, part))[1])
+    res = CliRunner().invoke(app, ["eval", "--resume", str(out), "--no-progress", "--no-ray"])
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output and "2 of 4 partitions done, 2 to do" in res.output
+    assert sorted(calls) == [2, 3]  # only the unfinished partitions ran
+    after = _files(out)
+    assert all(after[k] == v for k, v in before.items())  # finished partitions untouched
+    assert len(after) == 4
+
+    pred, ref = _pred(out), _pred(full)
+    assert len(pred) == 3 * len(ROWS) and not pred.duplicated(["model", "strategy", "sample_id"]).any()
+    assert pred.drop(columns=["tokens_forwarded", "sample_tokens_forwarded"]).equals(
+        ref.drop(columns=["tokens_forwarded", "sample_tokens_forwarded"])
+    )
+    m_full = pd.read_csv(full / "metrics.csv").drop(columns=["seconds_per_sample", "tokens_forwarded_per_sample"])
+    m_res = pd.read_csv(out / "metrics.csv").drop(columns=["seconds_per_sample", "tokens_forwarded_per_sample"])
+    pd.testing.assert_frame_equal(m_full, m_res)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["partitions"] == {"per_model": 4, "done_before_this_session": 2}
+    assert manifest["launch"]["partitions_run"] == 2
+
+
+def test_same_command_into_same_out_continues_and_a_different_one_is_refused(
+    tiny_model_dir: Path, inputs, tmp_path: Path
+) -> None:
+    data, params = inputs
+    out = tmp_path / "run"
+    assert _eval(tiny_model_dir, data, params, out).exit_code == 0
+    (out / "partitions").joinpath(os.listdir(out / "partitions")[0], "part-00001.parquet").unlink()
+    before = _files(out)
+    res = _eval(tiny_model_dir, data, params, out)
+    assert res.exit_code == 0 and "3 of 4 partitions done, 1 to do" in res.output
+    assert {k: v for k, v in _files(out).items() if k in before} == before
+    assert len(_pred(out)) == 3 * len(ROWS)
+
+    res = _eval(tiny_model_dir, data, params, out, "--semantics", "paper")
+    assert res.exit_code == 2
+    line = res.output.strip()
+    assert line.startswith(f"error: {out}: holds a different run") and 'semantics (run: "exact", now: "paper")' in line
+    res = _eval(tiny_model_dir, data, params, out, "--limit", "3")
+    assert res.exit_code == 2 and "n_samples (run: 7, now: 3)" in res.output
+
+
+def test_resume_refuses_options_that_change_results(tiny_model_dir: Path, inputs, tmp_path: Path) -> None:
+    data, params = inputs
+    out = tmp_path / "run"
+    assert _eval(tiny_model_dir, data, params, out, "--limit", "2").exit_code == 0
+    res = CliRunner().invoke(app, ["eval", "--resume", str(out), "--semantics", "paper", "--no-ray"])
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: --resume takes the run's inputs from {out / 'run.json'}; drop --semantics"
+    res = CliRunner().invoke(app, ["eval", "--resume", str(tmp_path / "nothing"), "--no-ray"])
+    assert res.exit_code == 2 and "cannot resume: not a tokmarg run" in res.output
+
+
+def test_failure_before_any_partition_leaves_nothing(inputs, tmp_path: Path) -> None:
+    data, params = inputs
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    out = tmp_path / "run"
+    res = _eval(empty, data, params, out)
+    assert res.exit_code == 2 and res.output.startswith("error: cannot load model") and str(empty) in res.output
+    assert not out.exists()
+
+
+def test_every_strategy_and_sample_once_per_model(tiny_model_dir: Path, inputs, tmp_path: Path) -> None:
+    data, params = inputs
+    out = tmp_path / "run"
+    assert _eval(tiny_model_dir, data, params, out, "--strategies", ",".join(REGISTRY)).exit_code == 0
+    pred = _pred(out)
+    assert len(pred) == len(REGISTRY) * len(ROWS)
+    assert set(pred.groupby("sample_id").size()) == {len(REGISTRY)}

@@ -1,0 +1,29 @@
+"""Launchers run workers on partitions: in this process (``local``) or as Ray actors (``ray``).
+
+Both take the same work list and call ``on_result`` once per finished partition on the
+driver, which writes it; the runner does not know which one it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from tokmarg.worker import Partition, PartitionResult, WorkerSpec
+
+OnResult = Callable[[PartitionResult], None]
+
+
+class Launcher(Protocol):
+    name: str
+
+    def start(self, specs: Sequence[WorkerSpec]) -> list[dict]:
+        """Get workers ready (Ray: load every model now, so a bad one fails the run early)."""
+
+    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:
+        """Score every (model, partition); call ``on_result`` on the driver as each finishes."""
+
+    def info(self) -> dict:
+        """What the manifest records about the launch (workers, placement, restarts)."""
+
+    def close(self) -> None: ...

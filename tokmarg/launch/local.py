@@ -1,0 +1,44 @@
+"""The in-process launcher (``tokmarg eval --no-ray``): one model at a time, partitions in order."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import replace
+
+from tokmarg.launch import OnResult
+from tokmarg.worker import Partition, Worker, WorkerSpec
+
+
+class LocalLauncher:
+    name = "local"
+
+    def __init__(self, threads: int = 0) -> None:
+        self.threads = threads
+        self.specs: dict[str, WorkerSpec] = {}
+        self.workers: list[dict] = []
+
+    def start(self, specs: Sequence[WorkerSpec]) -> list[dict]:
+        # models load one at a time in run(), so that only one is resident
+        self.specs = {s.model.name: s for s in specs}
+        return []
+
+    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:
+        for model, spec in self.specs.items():
+            parts = [p for m, p in work if m == model]
+            if not parts:
+                continue
+            if self.threads:
+                spec = replace(spec, threads=self.threads)
+            worker = Worker(spec)
+            self.workers.append(worker.describe())
+            for part in parts:
+                on_result(worker.run_partition(part))
+            del worker
+            gc.collect()
+
+    def info(self) -> dict:
+        return {"launcher": self.name, "workers": self.workers}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,151 @@
+"""Reduce finished partitions into predictions, metrics and cross-model tables (SPEC §3-4, §6).
+
+Runs on the driver once every partition is there: the uncertainty strategies' dataset-level
+step (t_opti) needs all samples of a model, so it happens here and not in the workers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from tokmarg.config import Config
+from tokmarg.data import Dataset
+from tokmarg.metrics import compute_metrics, generalization_table, ranking_agreement, threshold_transfer
+from tokmarg.strategies import REGISTRY, SampleOutput
+from tokmarg.strategies.uncertainty import finalize
+
+# the headline metrics of the cross-model table: (column, higher is better)
+HEADLINE = (("f1_micro", True), ("hamming_loss", False), ("roc_auc_micro", True))
+TRANSFER_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def _isna(v: object) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA
+
+
+def finalize_model(df: pd.DataFrame, cfg: Config, ds: Dataset) -> dict[str, dict[str, float]]:
+    """Fill ``pred_labels`` of one model's uncertainty rows (in place); return the fitted thresholds."""
+    order = {s.id: i for i, s in enumerate(ds.samples)}
+    truth = [s.labels for s in ds.samples]
+    fitted = {}
+    for strategy in cfg.strategies:
+        if REGISTRY[strategy].kind != "uncertainty":
+            continue
+        idx = df.index[df["strategy"] == strategy]
+        idx = sorted(idx, key=lambda i: order[df.at[i, "sample_id"]])
+        outs = [
+            SampleOutput(
+                uncertainty=float(df.at[i, "uncertainty"]),
+                ranked=tuple(df.at[i, "ranked"]),
+                gate_unsafe=None if _isna(df.at[i, "gate_unsafe"]) else bool(df.at[i, "gate_unsafe"]),
+            )
+            for i in idx
+        ]
+        fitted[strategy] = finalize(outs, [truth[order[df.at[i, "sample_id"]]] for i in idx], cfg.calibration, cfg.seed)
+        df["pred_labels"] = df["pred_labels"].astype(object)
+        for i, o in zip(idx, outs):
+            df.at[i, "pred_labels"] = list(o.pred_labels)
+    return fitted
+
+
+def _score_matrix(g: pd.DataFrame, codes: list[str]) -> np.ndarray | None:
+    scores = [json.loads(s) if isinstance(s, str) else None for s in g["scores"]]
+    if not any(s is not None for s in scores):
+        return None
+    return np.array([[(s or {}).get(c, 0.0) for c in codes] for s in scores], dtype=float)
+
+
+def _in_order(g: pd.DataFrame, ds: Dataset) -> pd.DataFrame:
+    order = {s.id: i for i, s in enumerate(ds.samples)}
+    return g.iloc[np.argsort([order[i] for i in g["sample_id"]])]
+
+
+def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 1000) -> pd.DataFrame:
+    """predictions -> one metrics row per model x strategy (SPEC §3)."""
+    codes = list(cfg.taxonomy.codes)
+    y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
+    out = []
+    params = {m.name: m.params for m in cfg.models}
+    for (model, strategy), g in pred.groupby(["model", "strategy"], sort=False):
+        g = _in_order(g, ds)
+        kind = REGISTRY[strategy].kind
+        thr = params[model][strategy].threshold
+        y_score = _score_matrix(g, codes)
+        if kind == "scores":
+            y_pred = y_score >= thr if y_score is not None else np.zeros_like(y_true)
+        else:
+            y_pred = np.array([[c in set(p) for c in codes] for p in g["pred_labels"]], dtype=bool)
+        u_kw: dict = {}
+        if ds.has_safe:
+            scores = [json.loads(s) if isinstance(s, str) else {} for s in g["scores"]]
+            u_score = np.array([s.get("unsafe", 0.0) for s in scores]) if y_score is not None else None
+            if kind == "scores" and u_score is not None:
+                u_pred = u_score >= thr
+            elif kind == "codes":  # the output said unsafe (even without a known code)
+                flags = [json.loads(e).get("unsafe_in_output", 0.0) if isinstance(e, str) else 0.0 for e in g["extra"]]
+                u_pred = np.array(flags, dtype=bool) | y_pred.any(axis=1)
+            else:
+                u_pred = y_pred.any(axis=1)
+            u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
+        m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=cfg.seed, **u_kw)
+        fwd = g["tokens_forwarded"].to_numpy()
+        out.append(
+            {
+                "model": model,
+                "strategy": strategy,
+                "threshold": thr,
+                **m,
+                "tokens_forwarded_per_sample": float(fwd.mean()) if len(fwd) else 0.0,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def cross_model_tables(metrics: pd.DataFrame, pred: pd.DataFrame, cfg: Config, ds: Dataset) -> dict[str, pd.DataFrame]:
+    """SPEC §4 tables by file stem: generalization and ranking agreement per headline metric,
+    threshold transfer of the score strategies. Empty with fewer than two models."""
+    if metrics["model"].nunique() < 2:
+        return {}
+    tables: dict[str, pd.DataFrame] = {}
+    for metric, higher in HEADLINE:
+        tables[f"generalization_{metric}"] = generalization_table(metrics, metric, higher).reset_index()
+        tables[f"ranking_agreement_{metric}"] = ranking_agreement(metrics, metric, higher)
+    codes = list(cfg.taxonomy.codes)
+    y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
+    transfers = []
+    for strategy in cfg.strategies:
+        if REGISTRY[strategy].kind != "scores":
+            continue
+        curves = {}
+        for model, g in pred[pred["strategy"] == strategy].groupby("model", sort=False):
+            ys = _score_matrix(_in_order(g, ds), codes)
+            if ys is not None:
+                curves[model] = (y_true, ys)
+        if len(curves) >= 2:
+            transfers.append(threshold_transfer(curves, TRANSFER_GRID).assign(strategy=strategy))
+    if transfers:
+        t = pd.concat(transfers, ignore_index=True)
+        tables["threshold_transfer"] = t[["strategy", *[c for c in t.columns if c != "strategy"]]]
+    return tables
+
+
+def model_timing(metas: list[dict]) -> dict:
+    """What the partitions of one model say about cost and placement."""
+    where = Counter(
+        f"{m['worker'].get('actor') or 'local'} on {m['worker'].get('node_id', m['worker'].get('host', '?'))[:12]}"
+        for m in metas
+    )
+    keys = sorted({k for m in metas for k in m["seconds"]})
+    return {
+        "partitions": len(metas),
+        "seconds": {k: float(sum(m["seconds"].get(k, 0.0) for m in metas)) for k in keys},
+        "prefix_tokens": max((m["prefix_tokens"] for m in metas), default=0),
+        "tokens_forwarded": int(sum(m["tokens"] for m in metas)),
+        "forward_calls": int(sum(m.get("forward_calls", 0) for m in metas)),
+        "partitions_by_worker": dict(where),
+        "nodes": sorted({m["worker"].get("node_id") or m["worker"].get("host", "?") for m in metas}),
+    }

@@ -1,0 +1,154 @@
+"""One model resident in one process, scoring partitions of the dataset with every strategy.
+
+Ray-free: the local launcher calls :class:`Worker` directly and the Ray launcher wraps it
+as an actor at launch. Everything a worker needs travels in :class:`WorkerSpec` and
+:class:`Partition` (the prompt template's text included), so a worker on another node
+reads no file of the driver's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tokmarg.config import Config, ModelConfig
+from tokmarg.data import Sample
+from tokmarg.engine.score import EngineOptions, score
+from tokmarg.models import LoadedModel, load_model, model_view
+from tokmarg.prompts import PromptFormat, load_format, prompt_ids, render
+from tokmarg.strategies import Query, SampleOutput
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker computes: one model, every strategy, one semantics."""
+
+    model: ModelConfig
+    fmt: PromptFormat
+    labels: tuple[str, ...]  # "unsafe" + the dataset taxonomy's codes
+    strategies: tuple[str, ...]
+    semantics: str
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    spread: bool = False  # spread the model over every visible GPU (accelerate device map)
+
+    @classmethod
+    def from_config(cls, mc: ModelConfig, cfg: Config, **kw: object) -> WorkerSpec:
+        return cls(mc, load_format(mc.prompt), cfg.taxonomy.labels, cfg.strategies, cfg.semantics, **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A slice of the dataset: samples ``start:stop`` in file order."""
+
+    index: int
+    start: int
+    samples: tuple[Sample, ...]
+    gate: bool  # the whole dataset has safe rows: forced-prefix strategies decide safe/unsafe first
+
+
+@dataclass
+class PartitionResult:
+    model: str
+    index: int
+    rows: list[dict]  # one per strategy x sample, before the uncertainty step (pred_labels empty)
+    seconds: dict[str, float]  # scoring wall time: "all" (fast engine) or per strategy (reference)
+    tokens: int  # tokens forwarded for this partition, all strategies
+    prefix_tokens: int  # shared prompt prefix prefilled once for this partition (fast engine)
+    forward_calls: int  # model calls after the prefix (fast engine)
+    worker: dict  # who did it: host, pid, device (the Ray launcher adds actor and node)
+
+
+def build_queries(
+    lm: LoadedModel, mc: ModelConfig, fmt: PromptFormat, labels: tuple[str, ...], samples: Sequence[Sample], gate: bool
+) -> list[Query]:
+    """Each sample's prompt as this model sees it (its prompt format, chat template and taxonomy)."""
+    return [
+        Query(s.id, prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, mc.taxonomy, mc.answer_prefix)), labels, gate)
+        for s in samples
+    ]
+
+
+def output_row(model: str, strategy: str, sample: Sample, o: SampleOutput) -> dict:
+    """The Parquet row of one model x strategy x sample (SPEC §6)."""
+    return {
+        "model": model,
+        "strategy": strategy,
+        "sample_id": sample.id,
+        "true_labels": list(sample.labels),
+        "scores": None if o.scores is None else json.dumps(o.scores),
+        "pred_labels": list(o.pred_labels),
+        "unexplored_mass": o.unexplored_mass,
+        "unexplored_by_label": None if o.unexplored_by_label is None else json.dumps(o.unexplored_by_label),
+        "greedy_text": o.greedy_text,
+        "uncertainty": o.uncertainty,
+        "ranked": None if o.ranked is None else list(o.ranked),
+        "gate_unsafe": o.gate_unsafe,
+        "tokens_forwarded": int(o.tokens_forwarded),
+        "extra": json.dumps(o.extra) if o.extra else None,
+    }
+
+
+class Worker:
+    """Loads the model once; ``run_partition`` scores a partition with every strategy."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import torch
+
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
+        t0 = time.perf_counter()
+        mc = spec.model
+        self.spec = spec
+        self.lm = load_model(
+            mc.name,
+            mc.device,
+            mc.dtype,
+            trust_remote_code=spec.trust_remote_code,
+            allow_pickle=spec.allow_pickle,
+            device_map="auto" if spec.spread else None,
+        )
+        self.info, self.tokens = model_view(self.lm, spec.labels[1:])
+        self.load_seconds = time.perf_counter() - t0
+
+    def describe(self) -> dict:
+        import torch
+
+        return {
+            "model": self.spec.model.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.lm.device),
+            "dtype": str(self.lm.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def run_partition(self, part: Partition) -> PartitionResult:
+        spec, mc = self.spec, self.spec.model
+        queries = build_queries(self.lm, mc, spec.fmt, spec.labels, part.samples, part.gate)
+        outs, stats = score(
+            self.lm, self.info, self.tokens, queries, spec.strategies, mc.params, spec.semantics, spec.engine
+        )
+        per_sample = [sum(outs[s][i].tokens_forwarded for s in spec.strategies) for i in range(len(part.samples))]
+        rows = [
+            {**output_row(mc.name, s, sample, out), "sample_tokens_forwarded": per_sample[i]}
+            for s in spec.strategies
+            for i, (sample, out) in enumerate(zip(part.samples, outs[s]))
+        ]
+        return PartitionResult(
+            mc.name,
+            part.index,
+            rows,
+            dict(stats.seconds),
+            sum(per_sample),
+            stats.prefix_tokens,
+            stats.forward_calls,
+            self.describe(),
+        )
