@@ -20,6 +20,14 @@ def test_local_dir_loads_and_forwards(tiny_model_dir: Path) -> None:
     assert torch.equal(logits, lm.forward([1, 5, 6]))
 
 
+def test_device_map_load_gives_the_same_logits(tiny_model_dir: Path) -> None:
+    """The multi-GPU actor's path (accelerate device map); here every layer lands on the CPU."""
+    plain = load_model(str(tiny_model_dir), "cpu", "fp32")
+    mapped = load_model(str(tiny_model_dir), "cpu", "fp32", device_map="auto")
+    assert mapped.device == mapped.model.get_input_embeddings().weight.device
+    assert torch.allclose(plain.forward([1, 5, 6]), mapped.forward([1, 5, 6]), atol=1e-6)
+
+
 def test_pickle_checkpoint_refused_unless_allowed(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

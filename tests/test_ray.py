@@ -236,3 +236,19 @@ def test_local_ray_instance_with_two_cpu_actors(inputs, tiny_model_dir: Path, tm
     assert launch["address"] == "local" and len(launch["actors"]) == 2
     assert launch["cpus_per_actor"] * 2 <= os.cpu_count()  # CPU actors share the cores, no oversubscription
     _assert_exactly_once(out, [str(tiny_model_dir)])
+
+
+def test_error_inside_a_partition_is_one_line(cluster: str, inputs, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    refusing = tmp_path / "refusing-model"
+    shutil.copytree(tiny_model_dir, refusing)
+    (refusing / "chat_template.jinja").write_text("{{ raise_exception('refused by the test') }}", encoding="utf-8")
+    out = tmp_path / "run"
+    proc = _driver(_args([str(refusing)], inputs, out, "--address", cluster, "--max-restarts", "0"))
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "the chat template refused it: refused by the test" in errors[0], text
+    assert not out.exists()

@@ -202,3 +202,96 @@ def test_every_strategy_and_sample_once_per_model(tiny_model_dir: Path, inputs, 
     pred = _pred(out)
     assert len(pred) == len(REGISTRY) * len(ROWS)
     assert set(pred.groupby("sample_id").size()) == {len(REGISTRY)}
+
+
+def test_token_counts_do_not_depend_on_partition_size(tiny_model_dir: Path, inputs, tmp_path: Path) -> None:
+    data, params = inputs
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _eval(tiny_model_dir, data, params, a).exit_code == 0  # partitions of 2
+    assert _eval(tiny_model_dir, data, params, b, "--partition-size", "1").exit_code == 0
+    pa, pb = _pred(a), _pred(b)
+    assert pa.tokens_forwarded.tolist() == pb.tokens_forwarded.tolist()
+    assert pa.sample_tokens_forwarded.tolist() == pb.sample_tokens_forwarded.tolist()
+    ma, mb = (json.loads((d / "manifest.json").read_text())["timing"][str(tiny_model_dir)] for d in (a, b))
+    assert ma["prefix_tokens"] == mb["prefix_tokens"] > 0
+    assert (ma["prefix_tokens_total"], mb["prefix_tokens_total"]) == (4 * ma["prefix_tokens"], 7 * mb["prefix_tokens"])
+
+
+def test_partitions_at_different_precisions_are_not_mixed(tiny_model_dir: Path, inputs, tmp_path: Path) -> None:
+    from tokmarg.rundir import parquet_meta, write_parquet
+
+    data, params = inputs
+    out = tmp_path / "run"
+    assert _eval(tiny_model_dir, data, params, out).exit_code == 0
+    part = next(out.glob("partitions/*/part-00001.parquet"))
+    meta = parquet_meta(part)
+    meta["worker"].update(dtype="bfloat16", device="cuda:0")  # as if resumed on a GPU with --dtype auto
+    df = pd.read_parquet(part)
+    part.unlink()
+    write_parquet(df, part, meta)
+    (out / "manifest.json").unlink()
+    res = _eval(tiny_model_dir, data, params, out)
+    assert res.exit_code == 2
+    assert "partitions were scored at different precisions (bfloat16 on cuda, float32 on cpu)" in res.output
+
+
+def test_colliding_model_folders_and_a_second_driver_are_refused(tiny_model_dir: Path, inputs, tmp_path: Path):
+    data, params = inputs
+    (tmp_path / "tiny").mkdir()
+    twin = tmp_path / "tiny" / "llama"
+    twin.symlink_to(tiny_model_dir)
+    other = tmp_path / "tiny_llama"  # the same folder name once '/' becomes '_'
+    other.symlink_to(tiny_model_dir)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app,
+        ["eval", "--models", str(twin), str(other), "--dataset", str(data), "--params", str(params)]
+        + ["--out", str(out), "--no-ray", "--no-progress"],
+    )
+    assert res.exit_code == 2 and "would share the folder" in res.output and not out.exists()
+
+    assert _eval(tiny_model_dir, data, params, out, "--limit", "2").exit_code == 0
+    holder = RunDir(out)
+    holder.lock()  # another driver holds the run
+    try:
+        res = _eval(tiny_model_dir, data, params, out, "--limit", "2")
+        assert res.exit_code == 2 and "another tokmarg driver is working on this run" in res.output
+    finally:
+        holder.unlock()
+
+
+def test_leftover_temporaries_do_not_make_a_directory_foreign(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".run.json.abc.tmp").write_text("{")  # a driver died writing run.json
+    assert RunDir(out).stored() is None
+
+
+def test_bench_actor_counts_are_checked(tiny_model_dir: Path, inputs) -> None:
+    data, params = inputs
+    for bad in ("0", ",", "two"):
+        res = CliRunner().invoke(
+            app,
+            [
+                "bench",
+                "--models",
+                str(tiny_model_dir),
+                "--dataset",
+                str(data),
+                "--params",
+                str(params),
+                "--actors",
+                bad,
+            ],
+        )
+        assert res.exit_code == 2 and res.output.startswith(f"error: --actors {bad!r}: expected actor counts >= 1")
+
+
+def test_cpu_share_fits_every_actor() -> None:
+    from tokmarg.launch.cluster import fair_share, fits
+
+    assert fair_share([2], 1) == 2 and fair_share([2], 2) == 1
+    assert fair_share([4, 2], 2) == 2  # 3 each would leave the second actor without a node
+    assert fair_share([8, 8], 3) == 4
+    assert fits([2], fair_share([2], 3)) == 2 < 3  # three CPU actors on two cores do not fit: refused
+    assert fits([1, 1], 1) == 2 and fits([0.5], 1) == 0

@@ -154,7 +154,6 @@ def run_actor_bench(
     partition sent, to last result written); start-up (Ray, actor processes, model load) is
     reported apart.
     """
-    import os
     import tempfile
     from dataclasses import replace
     from pathlib import Path
@@ -163,11 +162,10 @@ def run_actor_bench(
     from tokmarg.runner import RunOptions, run_eval
 
     cfg = replace(cfg, models=cfg.models[:1])
-    cores = os.cpu_count() or 1
     rows = []
     for n in actors:
         with tempfile.TemporaryDirectory(prefix="tokmarg-bench-") as tmp:
-            launcher = RayLauncher(address, replicas=n, gpus_per_actor=0, cpus_per_actor=max(1, cores // n))
+            launcher = RayLauncher(address, replicas=n, gpus_per_actor=0)  # an equal share of the cores each
             run_opts = RunOptions(opts or EngineOptions("fast"), partition_size, progress=False)
             t0 = time.perf_counter()
             _, manifest = run_eval(cfg, ds, Path(tmp) / "run", launcher, run_opts, log=lambda _m: None)

@@ -119,6 +119,12 @@ def _resume_args(run_dir: Path, ctx: typer.Context) -> dict:
         args = json.loads(f.read_text(encoding="utf-8"))["args"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _fail(f"{f}: cannot resume: not a tokmarg run ({e.__class__.__name__})") from None
+    missing = [k for k in RESUME_FIXED if k != "out" and k not in (args or {})]
+    if missing:
+        raise _fail(
+            f"{f}: cannot resume from the command line: the run was not started by `tokmarg eval` "
+            f"(no {', '.join(missing[:3])})"
+        )
     return args
 
 
@@ -214,6 +220,8 @@ def eval_cmd(
         raise _fail(str(e) + _kept(out)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted" + (_kept(out) or "; no run directory written")) from None
+    except OSError as e:  # e.g. the disk filled up while writing a partition
+        raise _fail(f"{e.filename or out}: cannot write ({e.strerror or e})" + _kept(out)) from None
     except MemoryError:
         raise _fail(OOM_HINT + _kept(out)) from None
     except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -238,7 +246,7 @@ def _launcher(
             raise _fail("--no-ray scores in this process: drop --address, --replicas and --gpus-per-actor")
         from tokmarg.launch.local import LocalLauncher
 
-        return LocalLauncher(threads=int(cpus or 0))
+        return LocalLauncher(threads=max(1, int(cpus)) if cpus else 0)
     from tokmarg.launch.cluster import RayLauncher
 
     return RayLauncher(
@@ -294,7 +302,9 @@ def bench_cmd(
             try:
                 counts = [int(a) for a in _split([actors]) or []]
             except ValueError:
-                raise _fail(f"--actors {actors!r}: expected counts such as 1,2") from None
+                counts = []
+            if not counts or min(counts) < 1:
+                raise _fail(f"--actors {actors!r}: expected actor counts >= 1, such as 1,2")
             res = run_actor_bench(cfg, ds, counts, partition_size=partition_size, opts=eng, address=address)
         else:
             res = run_bench(cfg, ds, fast_only=fast_only, opts=eng)

@@ -144,6 +144,7 @@ def model_timing(metas: list[dict]) -> dict:
         "partitions": len(metas),
         "seconds": {k: float(sum(m["seconds"].get(k, 0.0) for m in metas)) for k in keys},
         "prefix_tokens": max((m["prefix_tokens"] for m in metas), default=0),
+        "prefix_tokens_total": int(sum(m["prefix_tokens"] for m in metas)),  # prefilled once per partition
         "tokens_forwarded": int(sum(m["tokens"] for m in metas)),
         "forward_calls": int(sum(m.get("forward_calls", 0) for m in metas)),
         "partitions_by_worker": dict(where),

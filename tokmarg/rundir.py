@@ -16,6 +16,7 @@ before any work is done leaves nothing behind.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -29,9 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 FORMAT = 1
-# settings that change no result: a run may be resumed with other values of these
-EXECUTION_KEYS = ("address", "replicas", "gpus_per_actor", "cpus_per_actor", "batch_size", "max_forward_tokens")
 
 
 class RunError(RuntimeError):
@@ -100,6 +100,26 @@ class RunDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._lock: int | None = None
+
+    def lock(self) -> None:
+        """Hold ``RUN/.lock`` while this driver works on the run: a second driver is refused."""
+        if self._lock is not None:
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(
+                f"{self.path}: another tokmarg driver is working on this run; wait for it or stop it"
+            ) from None
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     @property
     def run_file(self) -> Path:
@@ -111,7 +131,8 @@ class RunDir:
         if p.exists() and not p.is_dir():
             raise RunError(f"{p}: exists and is not a directory; choose another --out")
         if not self.run_file.is_file():
-            if p.is_dir() and any(p.iterdir()):
+            # leftovers of a driver that died writing run.json do not make a directory foreign
+            if p.is_dir() and any(not (c.name.endswith(".tmp") or c.name == LOCK_FILE) for c in p.iterdir()):
                 raise RunError(f"{p}: exists, is not empty and holds no tokmarg run ({RUN_FILE}); choose another --out")
             return None
         try:
@@ -132,6 +153,8 @@ class RunDir:
     def create(self, record: dict) -> None:
         """Write ``run.json`` (once: the first finished partition calls this)."""
         if not self.run_file.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock()
             atomic_write(self.run_file, (json.dumps(record, indent=2, default=str) + "\n").encode())
 
     def part_path(self, model: str, index: int) -> Path:

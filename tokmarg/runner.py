@@ -28,7 +28,7 @@ from tokmarg.engine.score import EngineOptions
 from tokmarg.launch import Launcher
 from tokmarg.prompts import BUILTIN_FORMATS
 from tokmarg.reduce import cross_model_tables, finalize_model, metrics_table, model_timing
-from tokmarg.rundir import RunDir, RunError, atomic_write, file_sha256, now, plan, slug, write_parquet
+from tokmarg.rundir import FORMAT, RunDir, RunError, atomic_write, file_sha256, now, plan, slug, write_parquet
 from tokmarg.worker import Partition, PartitionResult, WorkerSpec
 
 TRANSDUCTIVE_NOTE = "t_opti of the uncertainty strategies is fitted on the evaluated set's own labels (as the paper)"
@@ -109,11 +109,17 @@ def run_eval(
     if opts.engine.engine not in ENGINES:
         raise RunError(f"--engine {opts.engine.engine!r} is not available; available: {', '.join(ENGINES)}")
     started = now()
+    slugs: dict[str, str] = {}
+    for m in cfg.models:
+        other = slugs.setdefault(slug(m.name), m.name)
+        if other != m.name:
+            raise RunError(f"--models: {other!r} and {m.name!r} would share the folder {slug(m.name)!r}; rename one")
     rd = RunDir(out)
     stored = rd.stored()
     job = job_of(cfg, ds, opts)
     if stored is not None:
         rd.check_same_job(stored, job)
+        rd.lock()
         rd.clean_temporaries()
     parts = _partitions(ds, opts.partition_size)
     done = {m.name: rd.done(m.name, len(parts)) for m in cfg.models}
@@ -121,11 +127,22 @@ def run_eval(
     n_total = len(parts) * len(cfg.models)
     if stored is not None:
         log(f"resuming {out}: {n_total - len(work)} of {n_total} partitions done, {len(work)} to do")
-    record = stored or {"format": 1, "args": opts.args, "job": job, "command": opts.command, "created": started}
-    launch: dict = {"launcher": launcher.name, "partitions_run": 0}
-    if work:
-        launch = _score(cfg, ds, rd, record, parts, done, work, launcher, opts)
-    return _reduce(cfg, ds, rd, record, parts, launch, n_total - len(work), started)
+    record = stored or {"format": FORMAT, "args": opts.args, "job": job, "command": opts.command, "created": started}
+    try:
+        if work:
+            launch = _score(cfg, ds, rd, record, parts, done, work, launcher, opts)
+        else:  # nothing left to score: keep what the session that scored it recorded
+            launch = {**_previous(out).get("launch", {"launcher": launcher.name}), "partitions_run": 0}
+        return _reduce(cfg, ds, rd, record, parts, launch, n_total - len(work), started)
+    finally:
+        rd.unlock()
+
+
+def _previous(out: Path) -> dict:
+    try:
+        return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _score(
@@ -200,6 +217,18 @@ def _bars(cfg: Config, ds: Dataset, done: dict[str, set[int]], sizes: dict[int, 
     }
 
 
+def _same_precision(model: str, metas: list[dict], rd: RunDir) -> None:
+    """A resumed run must not mix partitions scored at different precisions (e.g. fp32 on a CPU,
+    bf16 on a GPU, both from ``--dtype auto``)."""
+    kinds = {(m["worker"].get("dtype"), str(m["worker"].get("device", "")).split(":")[0]) for m in metas}
+    if len(kinds) > 1:
+        seen = ", ".join(f"{d} on {dev}" for d, dev in sorted(kinds, key=str))
+        raise RunError(
+            f"model {model!r}: partitions were scored at different precisions ({seen}); resume on the same kind "
+            f"of device, or delete {rd.path / 'partitions' / slug(model)} to rescore them all"
+        )
+
+
 def _reduce(
     cfg: Config,
     ds: Dataset,
@@ -216,6 +245,7 @@ def _reduce(
     loads = {w["model"]: w.get("load_seconds") for w in launch.get("workers", launch.get("actors", []))}
     for mc in cfg.models:
         df, metas = rd.read_partitions(mc.name, expected, list(cfg.strategies))
+        _same_precision(mc.name, metas, rd)
         thresholds[mc.name] = finalize_model(df, cfg, ds)
         write_parquet(df, out / "predictions" / f"{slug(mc.name)}.parquet")
         frames.append(df)

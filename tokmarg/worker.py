@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokmarg.config import Config, ModelConfig
-from tokmarg.data import Sample
-from tokmarg.engine.score import EngineOptions, score
+from tokmarg.data import Sample, Turn
+from tokmarg.engine.score import EngineOptions, check_engine, score
+from tokmarg.engine.tree import common_prefix_len
 from tokmarg.models import LoadedModel, load_model, model_view
 from tokmarg.prompts import PromptFormat, load_format, prompt_ids, render
 from tokmarg.strategies import Query, SampleOutput
@@ -114,8 +115,19 @@ class Worker:
             allow_pickle=spec.allow_pickle,
             device_map="auto" if spec.spread else None,
         )
+        check_engine(self.lm, spec.engine)  # e.g. a sliding-window model on the fast engine: fail at load
         self.info, self.tokens = model_view(self.lm, spec.labels[1:])
+        self.template_prefix = self._template_prefix()
         self.load_seconds = time.perf_counter() - t0
+
+    def _template_prefix(self) -> int:
+        """Tokens of the prompt before any sample's own text (two probes that differ at once), so
+        the prefix prefilled once per partition, and each sample's token count, do not depend on
+        how the dataset was partitioned."""
+        spec = self.spec
+        probes = [Sample(f"probe-{c}", (Turn("user", c),), (), 0) for c in ("x", "q")]
+        ids = build_queries(self.lm, spec.model, spec.fmt, spec.labels, probes, False)
+        return common_prefix_len([q.prompt_ids for q in ids])
 
     def describe(self) -> dict:
         import torch
@@ -134,7 +146,15 @@ class Worker:
         spec, mc = self.spec, self.spec.model
         queries = build_queries(self.lm, mc, spec.fmt, spec.labels, part.samples, part.gate)
         outs, stats = score(
-            self.lm, self.info, self.tokens, queries, spec.strategies, mc.params, spec.semantics, spec.engine
+            self.lm,
+            self.info,
+            self.tokens,
+            queries,
+            spec.strategies,
+            mc.params,
+            spec.semantics,
+            spec.engine,
+            max_prefix=self.template_prefix,
         )
         per_sample = [sum(outs[s][i].tokens_forwarded for s in spec.strategies) for i in range(len(part.samples))]
         rows = [

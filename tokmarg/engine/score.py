@@ -33,6 +33,17 @@ class ScoreStats:
     forward_calls: int = 0  # model calls after the prefix (fast): the sequential steps
 
 
+def check_engine(lm: LoadedModel, opts: EngineOptions) -> None:
+    """Refuse what an engine cannot run, before any work."""
+    if opts.engine not in ENGINES:
+        raise EngineError(f"--engine {opts.engine!r} is not available; available: {', '.join(ENGINES)}")
+    if opts.engine == "fast" and (window := sliding_window(lm.model)):
+        raise EngineError(
+            f"model {lm.name!r} uses sliding-window attention (window {window}); the fast engine packs a batch into "
+            "one cache and needs full attention: use --engine reference"
+        )
+
+
 def score(
     lm: LoadedModel,
     info: TokenInfo,
@@ -43,15 +54,14 @@ def score(
     semantics: str,
     opts: EngineOptions,
     on_done: Callable[[str, int], None] | None = None,
+    max_prefix: int | None = None,
 ) -> tuple[dict[str, list[SampleOutput]], ScoreStats]:
-    """Outputs per strategy (in query order) and timing; ``on_done(strategy, n)`` reports progress."""
-    if opts.engine not in ENGINES:
-        raise EngineError(f"--engine {opts.engine!r} is not available; available: {', '.join(ENGINES)}")
-    if opts.engine == "fast" and (window := sliding_window(lm.model)):
-        raise EngineError(
-            f"model {lm.name!r} uses sliding-window attention (window {window}); the fast engine packs a batch into "
-            "one cache and needs full attention: use --engine reference"
-        )
+    """Outputs per strategy (in query order) and timing; ``on_done(strategy, n)`` reports progress.
+
+    ``max_prefix`` caps the shared prefix prefilled once (e.g. at the prompt template's static
+    text), so a sample's token count does not depend on which other samples share its call.
+    """
+    check_engine(lm, opts)
     outs: dict[str, list[SampleOutput]] = {s: [] for s in strategies}
     stats = ScoreStats(dict.fromkeys(strategies, 0.0) if opts.engine == "reference" else {"all": 0.0})
     if opts.engine == "reference":
@@ -70,6 +80,8 @@ def score(
     t0 = time.perf_counter()
     prompts = [q.prompt_ids for q in queries]
     p = common_prefix_len(prompts)
+    if max_prefix is not None:
+        p = min(p, max_prefix)
     backend = TreeBackend(lm.model, lm.device, prompts[0][:p] if prompts else (), max_fwd)
     stats.prefix_tokens = p
     for start in range(0, len(queries), batch):

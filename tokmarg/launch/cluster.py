@@ -26,6 +26,7 @@ from tokmarg.rundir import RunError
 from tokmarg.worker import Partition, PartitionResult, Worker, WorkerSpec
 
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued behind it: no idle gap between partitions
+MAX_ATTEMPTS = 5  # failed attempts at one partition (beyond Ray's own retries) before the run gives up
 LATENCY_BOUNDS = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
 
 
@@ -85,6 +86,19 @@ def _token_auth_for(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def fits(capacity: Sequence[float], need: float) -> int:
+    """How many actors needing ``need`` of a resource fit on nodes with these capacities."""
+    return sum(int(c // need + 1e-9) for c in capacity) if need > 0 else 10**9
+
+
+def fair_share(node_cpus: Sequence[float], n_actors: int) -> float:
+    """The most whole CPUs per actor such that all ``n_actors`` fit at once (at least 1)."""
+    for c in range(int(max(node_cpus, default=1)), 1, -1):
+        if fits(node_cpus, c) >= n_actors:
+            return float(c)
+    return 1.0
+
+
 def _nodes() -> list[dict]:
     import ray
 
@@ -121,6 +135,7 @@ class RayLauncher:
         self.pids: dict[str, set[int]] = {}  # actor name -> pids seen (a restart shows a new pid)
         self.resources: dict = {}
         self.started_local = False
+        self.connected = False  # this launcher called ray.init (so close() disconnects)
         self.dashboard_url = ""
 
     # ----------------------------------------------------------------------------- start
@@ -142,28 +157,34 @@ class RayLauncher:
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"--address {self.address}" if self.address else "local Ray"
             raise RunError(f"{where}: cannot start or join a Ray cluster ({_one_line(e)})") from None
+        self.connected = True
         url = getattr(ctx, "dashboard_url", "") or ""
         self.dashboard_url = f"http://{url}" if url and not url.startswith("http") else url
         where = "local Ray instance" if self.started_local else f"Ray cluster at {self.address}"
-        self.log(f"{where}; dashboard: {self.dashboard_url or 'not running'} (namespace {self.namespace})")
+        token = " (log in with the token `ray get-auth-token` prints)" if self.dashboard_url else ""
+        self.log(f"{where}; dashboard: {self.dashboard_url or 'not running'}{token}; namespace {self.namespace}")
 
     def _resources(self, n_actors: int) -> tuple[float, float]:
+        """(GPUs, CPUs) per actor such that all ``n_actors`` fit on the nodes at once."""
         nodes = _nodes()
         node_gpus = [n["Resources"].get("GPU", 0.0) for n in nodes]
         node_cpus = [n["Resources"].get("CPU", 0.0) for n in nodes]
         gpus = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if max(node_gpus, default=0) else 0.0)
-        if gpus and max(node_gpus, default=0) < gpus:
-            msg = f"--gpus-per-actor {gpus:g}: no node has {gpus:g} GPUs (GPUs per node: {node_gpus})"
+        cpus = (
+            self.cpus_per_actor
+            if self.cpus_per_actor is not None
+            else (1.0 if gpus else fair_share(node_cpus, n_actors))
+        )
+        short = [
+            f"{n_actors} actors x {need:g} {what} do not fit on the nodes' {have} {what}"
+            for what, need, have in (("GPU", gpus, node_gpus), ("CPU", cpus, node_cpus))
+            if need and fits(have, need) < n_actors
+        ]
+        if short:
+            msg = "; ".join(short) + " (lower --replicas, --gpus-per-actor or --cpus-per-actor)"
             if self.started_local:
                 raise RunError(msg)
-            self.log(f"warning: {msg}; the actors wait until such a node joins")
-        if self.cpus_per_actor is not None:
-            cpus = self.cpus_per_actor
-        elif gpus:
-            cpus = 1.0
-        else:  # CPU actors share the cluster's cores: no oversubscription
-            cpus = max(1.0, float(int(sum(node_cpus) // max(1, n_actors))))
-            cpus = min(cpus, max(node_cpus, default=1.0)) or 1.0
+            self.log(f"warning: {msg}; the actors wait until the cluster grows")
         self.resources = {"gpus_per_actor": gpus, "cpus_per_actor": cpus, "nodes": len(nodes)}
         return gpus, cpus
 
@@ -175,7 +196,7 @@ class RayLauncher:
         cls = ray.remote(RayWorker)
         refs = {}
         for spec in specs:
-            spec = replace(spec, threads=int(cpus) if not gpus else spec.threads, spread=gpus > 1)
+            spec = replace(spec, threads=max(1, int(cpus)), spread=gpus > 1)  # torch threads = its CPUs
             handles = []
             for r in range(self.replicas):
                 name = f"tokmarg/{spec.model.name}/{r}"
@@ -224,6 +245,7 @@ class RayLauncher:
         alive = {(m, r) for m, hs in self.actors.items() for r in range(len(hs))}
         load = dict.fromkeys(alive, 0)
         inflight: dict = {}  # ref -> (model, replica, partition)
+        attempts: dict[tuple[str, int], int] = {}  # (model, partition) -> failed attempts
 
         def feed(key: tuple[str, int]) -> None:
             m, r = key
@@ -231,6 +253,16 @@ class RayLauncher:
                 part = queues[m].popleft()
                 inflight[self.actors[m][r].run_partition.remote(part)] = (m, r, part)
                 load[key] += 1
+
+        def retry(m: str, part: Partition, why: BaseException) -> int:
+            n = attempts[(m, part.index)] = attempts.get((m, part.index), 0) + 1
+            if n > MAX_ATTEMPTS:
+                raise RunError(
+                    f"model {m!r}, partition {part.index}: failed {n} times (last: {type(why).__name__}: "
+                    f"{_one_line(why)}); finished partitions are kept"
+                ) from None
+            queues[m].appendleft(part)
+            return n
 
         for key in sorted(alive):
             feed(key)
@@ -244,22 +276,22 @@ class RayLauncher:
                     res = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     raise _task_error(name, part, e) from None
-                except ray.exceptions.ActorUnavailableError:
-                    queues[m].appendleft(part)  # restarting: hand it out again
-                except ray.exceptions.RayActorError as e:
+                except ray.exceptions.ActorDiedError as e:  # restarts used up: the other replicas take over
                     alive.discard((m, r))
-                    queues[m].appendleft(part)
                     self.log(f"warning: actor {name} is gone after {self.max_restarts} restart(s): {_one_line(e)}")
                     if not any(k[0] == m for k in alive):
                         raise RunError(
                             f"model {m!r}: every actor died (last: {_one_line(e)}); finished partitions are kept"
                         ) from None
-                    for k in sorted(alive):
-                        feed(k)
+                    retry(m, part, e)
+                except ray.exceptions.RayError as e:  # unavailable while restarting, a lost result, a node gone
+                    # back off (2, 4, ... 30 s) so that a restarting actor is back before it gets the partition again
+                    time.sleep(min(30.0, 2.0 ** retry(m, part, e)))
                 else:
                     self.pids.setdefault(name, set()).add(res.worker["pid"])
                     on_result(res)
-                feed((m, r))
+                for k in sorted(alive):
+                    feed(k)
 
     # ----------------------------------------------------------------------------- report
     def info(self) -> dict:
@@ -293,17 +325,13 @@ class RayLauncher:
         return out
 
     def close(self) -> None:
+        """Disconnect: the actors belong to this driver's job, so Ray ends them with it (a local
+        instance started for the run stops altogether)."""
         import ray
 
-        if not ray.is_initialized():
-            return
-        for hs in self.actors.values():
-            for h in hs:
-                try:
-                    ray.kill(h, no_restart=True)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-        ray.shutdown()
+        if self.connected and ray.is_initialized():
+            ray.shutdown()
+            self.connected = False
 
 
 def _task_error(name: str, part: Partition, e: BaseException) -> BaseException:
