@@ -63,9 +63,12 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
     strategies = list(cfg.strategies)
     n = len(queries)
 
+    model_time = {"seconds": 0.0, "calls": 0}
+
     def run(engine_opts: EngineOptions, names: Sequence[str]) -> _Run:
         t0 = time.perf_counter()
         outs, stats = score(lm, info, tokens, queries, names, mc.params, cfg.semantics, engine_opts)
+        model_time.update(seconds=stats.model_seconds, calls=stats.forward_calls)
         for s in names:
             if REGISTRY[s].kind == "uncertainty":
                 finalize(outs[s], truth, cfg.calibration, cfg.seed)
@@ -78,6 +81,7 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     fast = run(fast_opts, strategies)
+    fast_model = dict(model_time)  # the later runs overwrite model_time
     result: dict = {
         "engines": ["fast"] if fast_only else ["reference", "fast"],
         "model": mc.name,
@@ -90,6 +94,8 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
             "samples_per_s": n / fast.seconds["total"],
             "tokens_per_sample": sum(o.tokens_forwarded for s in strategies for o in fast.outs[s]) / n,
             "peak_rss_mb": peak_rss_mb(),
+            "model_seconds": fast_model["seconds"],  # inside model calls; the rest of the time is host-side
+            "forward_calls": fast_model["calls"],
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         },
     }
@@ -149,35 +155,41 @@ def run_actor_bench(
 ) -> dict:
     """`tokmarg eval` of the first model on Ray with 1, 2, ... CPU actors (replicas of one model).
 
-    Each actor gets an equal share of the cores (threads = its CPUs), so the total never
-    exceeds the machine. Throughput counts the scoring phase only (actors loaded, first
-    partition sent, to last result written); start-up (Ray, actor processes, model load) is
-    reported apart.
+    ``0`` is the same run in this process without Ray (the baseline). Each actor gets an equal
+    share of the cores (threads = its CPUs), so the total never exceeds the machine. The rate
+    is samples / the wall time of scoring (first partition sent to last one written); start-up
+    (Ray, actor processes, model load) is reported apart.
     """
+    import os
     import tempfile
     from dataclasses import replace
     from pathlib import Path
 
     from tokmarg.launch.cluster import RayLauncher
+    from tokmarg.launch.local import LocalLauncher
     from tokmarg.runner import RunOptions, run_eval
 
     cfg = replace(cfg, models=cfg.models[:1])
     rows = []
     for n in actors:
         with tempfile.TemporaryDirectory(prefix="tokmarg-bench-") as tmp:
-            launcher = RayLauncher(address, replicas=n, gpus_per_actor=0)  # an equal share of the cores each
+            launcher = (  # 0: the same run in this process, without Ray (the baseline)
+                LocalLauncher() if n == 0 else RayLauncher(address, replicas=n, gpus_per_actor=0)
+            )  # Ray: an equal share of the cores each
             run_opts = RunOptions(opts or EngineOptions("fast"), partition_size, progress=False)
             t0 = time.perf_counter()
             _, manifest = run_eval(cfg, ds, Path(tmp) / "run", launcher, run_opts, log=lambda _m: None)
             total = time.perf_counter() - t0
         launch, timing = manifest["launch"], manifest["timing"][cfg.models[0].name]
+        load = (timing["load_seconds"] or 0.0) if n == 0 else 0.0  # the local launcher loads inside run()
+        wall = launch["run_seconds"] - load
         rows.append(
             {
                 "actors": n,
-                "cpus_per_actor": launch["cpus_per_actor"],
-                "samples_per_s": len(ds.samples) / launch["run_seconds"],
-                "run_seconds": launch["run_seconds"],
-                "start_seconds": launch["start_seconds"],
+                "cpus_per_actor": launch.get("cpus_per_actor", os.cpu_count()),
+                "samples_per_s": len(ds.samples) / wall,
+                "scoring_seconds": wall,
+                "start_seconds": launch["start_seconds"] + load,
                 "end_to_end_seconds": total,
                 "tokens_per_sample": timing["tokens_forwarded"] / len(ds.samples),
                 "forward_calls": timing["forward_calls"],

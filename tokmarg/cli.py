@@ -280,7 +280,7 @@ def bench_cmd(
     max_forward_tokens: Annotated[int, typer.Option(min=0, help="tokens per forward call (0 = auto)")] = 0,
     fast_only: Annotated[bool, typer.Option(help="time the fast engine only (peak memory rows)")] = False,
     actors: Annotated[
-        str | None, typer.Option(help="instead: eval throughput on Ray with these CPU actor counts, e.g. 1,2")
+        str | None, typer.Option(help="instead: eval throughput with these CPU actor counts, e.g. 0,1,2 (0: no Ray)")
     ] = None,
     partition_size: Annotated[int, typer.Option(min=1, help="samples per partition (with --actors)")] = 8,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (with --actors; default: local)")] = None,
@@ -303,8 +303,8 @@ def bench_cmd(
                 counts = [int(a) for a in _split([actors]) or []]
             except ValueError:
                 counts = []
-            if not counts or min(counts) < 1:
-                raise _fail(f"--actors {actors!r}: expected actor counts >= 1, such as 1,2")
+            if not counts or min(counts) < 0:
+                raise _fail(f"--actors {actors!r}: expected actor counts such as 0,1,2 (0: without Ray)")
             res = run_actor_bench(cfg, ds, counts, partition_size=partition_size, opts=eng, address=address)
         else:
             res = run_bench(cfg, ds, fast_only=fast_only, opts=eng)
@@ -319,7 +319,7 @@ def bench_cmd(
         )
         for r in res["rows"]:
             typer.echo(
-                f"{r['actors']:6d} {r['cpus_per_actor']:8g} {r['samples_per_s']:9.3f} {r['run_seconds']:9.1f} "
+                f"{r['actors']:6d} {r['cpus_per_actor']:8g} {r['samples_per_s']:9.3f} {r['scoring_seconds']:9.1f} "
                 f"{r['start_seconds']:8.1f} {r['tokens_per_sample']:10.1f}"
             )
         return

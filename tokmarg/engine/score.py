@@ -31,6 +31,7 @@ class ScoreStats:
     seconds: dict[str, float] = field(default_factory=dict)  # strategy -> wall s (reference); "all" for fast
     prefix_tokens: int = 0  # shared prefix prefilled once (fast)
     forward_calls: int = 0  # model calls after the prefix (fast): the sequential steps
+    model_seconds: float = 0.0  # wall time inside those calls (fast); the rest is host-side work
 
 
 def check_engine(lm: LoadedModel, opts: EngineOptions) -> None:
@@ -97,4 +98,5 @@ def score(
                 on_done(s, len(chunk))
     stats.seconds["all"] = time.perf_counter() - t0
     stats.forward_calls = backend.calls
+    stats.model_seconds = backend.model_seconds
     return outs, stats

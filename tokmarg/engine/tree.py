@@ -13,6 +13,7 @@ full forward of prompt + path would. After the batch the cache is cropped back t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ class TreeBackend:
         self.prefix = tuple(prefix)
         self.P = len(self.prefix)
         self.calls = 0  # model forward calls after the prefix (each a sequential step on a GPU)
+        self.model_seconds = 0.0  # wall time in those calls, logits on the host included
         if self.P:
             with torch.inference_mode():
                 ids = torch.tensor([self.prefix], device=device)
@@ -165,6 +167,7 @@ class TreeBackend:
         keep = [k for k, p in enumerate(chunk) if p.key is not None]
         if not keep:
             keep = [q - 1]  # the model needs at least one row of logits
+        t0 = time.perf_counter()
         out = self.model(
             input_ids=torch.tensor([[p.token for p in chunk]], device=self.device),  # (1, q)
             position_ids=torch.tensor([[p.position for p in chunk]], device=self.device),  # (1, q)
@@ -173,7 +176,8 @@ class TreeBackend:
             use_cache=True,
             logits_to_keep=torch.tensor(keep, device=self.device),
         )
-        logits = out.logits[0].float().cpu()  # (len(keep), vocab) float32
+        logits = out.logits[0].float().cpu()  # (len(keep), vocab) float32; waits for the device
+        self.model_seconds += time.perf_counter() - t0
         for row_logits, k in zip(logits, keep):
             if chunk[k].key is not None:
                 self._logits[chunk[k].key] = row_logits  # type: ignore[index]
