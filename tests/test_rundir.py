@@ -269,21 +269,9 @@ def test_leftover_temporaries_do_not_make_a_directory_foreign(tmp_path: Path) ->
 
 def test_bench_actor_counts_are_checked(tiny_model_dir: Path, inputs) -> None:
     data, params = inputs
+    base = ["bench", "--models", str(tiny_model_dir), "--dataset", str(data), "--params", str(params)]
     for bad in ("-1", ",", "two"):
-        res = CliRunner().invoke(
-            app,
-            [
-                "bench",
-                "--models",
-                str(tiny_model_dir),
-                "--dataset",
-                str(data),
-                "--params",
-                str(params),
-                "--actors",
-                bad,
-            ],
-        )
+        res = CliRunner().invoke(app, [*base, "--actors", bad])
         assert res.exit_code == 2 and res.output.startswith(f"error: --actors {bad!r}: expected actor counts such as")
 
 
