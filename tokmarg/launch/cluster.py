@@ -216,7 +216,7 @@ class RayLauncher:
         )
         t0 = time.monotonic()
         while refs:
-            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=30)
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=30)  # a model that fails, fails at once
             if not done:
                 self.log(
                     f"waiting for {', '.join(sorted(refs.values()))} ({time.monotonic() - t0:.0f} s): "
