@@ -32,6 +32,8 @@ AGREE_TOL = 1e-4
 class _Run:
     outs: dict[str, list[SampleOutput]]
     seconds: dict[str, float]
+    model_seconds: float = 0.0  # fast engine: inside model calls (the rest is host-side)
+    forward_calls: int = 0
 
 
 def _codes(out: SampleOutput, kind: str, threshold: float, codes: Sequence[str]) -> tuple[str, ...]:
@@ -63,25 +65,21 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
     strategies = list(cfg.strategies)
     n = len(queries)
 
-    model_time = {"seconds": 0.0, "calls": 0}
-
     def run(engine_opts: EngineOptions, names: Sequence[str]) -> _Run:
         t0 = time.perf_counter()
         outs, stats = score(lm, info, tokens, queries, names, mc.params, cfg.semantics, engine_opts)
-        model_time.update(seconds=stats.model_seconds, calls=stats.forward_calls)
         for s in names:
             if REGISTRY[s].kind == "uncertainty":
                 finalize(outs[s], truth, cfg.calibration, cfg.seed)
         secs = dict(stats.seconds)
         secs["total"] = time.perf_counter() - t0
-        return _Run(outs, secs)
+        return _Run(outs, secs, stats.model_seconds, stats.forward_calls)
 
     if queries:
         lm.forward(queries[0].prompt_ids[:16])  # warm-up: first-call setup is not timed
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     fast = run(fast_opts, strategies)
-    fast_model = dict(model_time)  # the later runs overwrite model_time
     result: dict = {
         "engines": ["fast"] if fast_only else ["reference", "fast"],
         "model": mc.name,
@@ -94,8 +92,8 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
             "samples_per_s": n / fast.seconds["total"],
             "tokens_per_sample": sum(o.tokens_forwarded for s in strategies for o in fast.outs[s]) / n,
             "peak_rss_mb": peak_rss_mb(),
-            "model_seconds": fast_model["seconds"],  # inside model calls; the rest of the time is host-side
-            "forward_calls": fast_model["calls"],
+            "model_seconds": fast.model_seconds,  # inside model calls; the rest of the time is host-side
+            "forward_calls": fast.forward_calls,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         },
     }

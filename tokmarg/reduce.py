@@ -32,6 +32,7 @@ def finalize_model(df: pd.DataFrame, cfg: Config, ds: Dataset) -> dict[str, dict
     order = {s.id: i for i, s in enumerate(ds.samples)}
     truth = [s.labels for s in ds.samples]
     fitted = {}
+    df["pred_labels"] = df["pred_labels"].astype(object)  # cells receive lists
     for strategy in cfg.strategies:
         if REGISTRY[strategy].kind != "uncertainty":
             continue
@@ -46,7 +47,6 @@ def finalize_model(df: pd.DataFrame, cfg: Config, ds: Dataset) -> dict[str, dict
             for i in idx
         ]
         fitted[strategy] = finalize(outs, [truth[order[df.at[i, "sample_id"]]] for i in idx], cfg.calibration, cfg.seed)
-        df["pred_labels"] = df["pred_labels"].astype(object)
         for i, o in zip(idx, outs):
             df.at[i, "pred_labels"] = list(o.pred_labels)
     return fitted
@@ -74,15 +74,15 @@ def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 10
         g = _in_order(g, ds)
         kind = REGISTRY[strategy].kind
         thr = params[model][strategy].threshold
-        y_score = _score_matrix(g, codes)
+        scored = _score_matrix(g, ["unsafe", *codes])  # parsed once: column 0 is the binary view
+        y_score = None if scored is None else scored[:, 1:]
         if kind == "scores":
             y_pred = y_score >= thr if y_score is not None else np.zeros_like(y_true)
         else:
             y_pred = np.array([[c in set(p) for c in codes] for p in g["pred_labels"]], dtype=bool)
         u_kw: dict = {}
         if ds.has_safe:
-            scores = [json.loads(s) if isinstance(s, str) else {} for s in g["scores"]]
-            u_score = np.array([s.get("unsafe", 0.0) for s in scores]) if y_score is not None else None
+            u_score = None if scored is None else scored[:, 0]
             if kind == "scores" and u_score is not None:
                 u_pred = u_score >= thr
             elif kind == "codes":  # the output said unsafe (even without a known code)

@@ -17,7 +17,7 @@ OnResult = Callable[[PartitionResult], None]
 class Launcher(Protocol):
     name: str
 
-    def start(self, specs: Sequence[WorkerSpec]) -> list[dict]:
+    def start(self, specs: Sequence[WorkerSpec]) -> None:
         """Get workers ready (Ray: load every model now, so a bad one fails the run early)."""
 
     def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:

@@ -188,7 +188,7 @@ class RayLauncher:
         self.resources = {"gpus_per_actor": gpus, "cpus_per_actor": cpus, "nodes": len(nodes)}
         return gpus, cpus
 
-    def start(self, specs: Sequence[WorkerSpec]) -> list[dict]:
+    def start(self, specs: Sequence[WorkerSpec]) -> None:
         import ray
 
         self._init()
@@ -235,7 +235,6 @@ class RayLauncher:
                     raise ModelError(info["error"])
                 self.described[name] = info
                 self.pids.setdefault(name, set()).add(info["pid"])
-        return list(self.described.values())
 
     # ----------------------------------------------------------------------------- run
     def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:

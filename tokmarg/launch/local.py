@@ -18,10 +18,9 @@ class LocalLauncher:
         self.specs: dict[str, WorkerSpec] = {}
         self.workers: list[dict] = []
 
-    def start(self, specs: Sequence[WorkerSpec]) -> list[dict]:
+    def start(self, specs: Sequence[WorkerSpec]) -> None:
         # models load one at a time in run(), so that only one is resident
         self.specs = {s.model.name: s for s in specs}
-        return []
 
     def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:
         for model, spec in self.specs.items():
