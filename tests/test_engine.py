@@ -129,3 +129,54 @@ def test_backend_reuse_across_batches_crops_cache(model) -> None:
     assert backend.cache.get_seq_length() == p
     again = run_batch(backend, [[("token_probability", Context(None, info, tokens, queries[0], sp, "exact"))]])
     assert_same(first[0][0], again[0][0])
+
+
+@pytest.mark.parametrize("window", [80, 8])
+def test_sliding_window_model_within_its_window(tiny_model_dir: Path, tmp_path: Path, window: int) -> None:
+    """A Gemma-3-style model (sliding and full layers) on the fast engine, whose packed cache
+    outgrows the window: while every sequence fits the window the outputs are the reference's;
+    past it they would differ, and the fast engine refuses instead."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tokmarg.engine import EngineError
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        gemma.model.embed_tokens.weight.mul_(8.0)  # tied head: sharper logits, so paths end
+    gemma.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), "cpu", "fp32")
+    info, tokens = model_view(lm, LLAMA_GUARD_3.codes)
+    queries = _queries(lm, short_format(), gate=True)
+    longest = max(len(q.prompt_ids) for q in queries)
+    sp = StrategyParams(top_p=0.9, max_new_tokens=4, eps=0.02)
+    params = dict.fromkeys(REGISTRY, sp)
+    fast_opts = EngineOptions("fast", 5, 4096)
+    if window == 8:
+        assert longest > window
+        with pytest.raises(EngineError, match="sliding-window"):
+            score(lm, info, tokens, queries, list(REGISTRY), params, "exact", fast_opts)
+        return
+    assert window < len(queries) * longest  # the packed cache outgrows the window
+    ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, "exact", EngineOptions("reference"))
+    fast, _ = score(lm, info, tokens, queries, list(REGISTRY), params, "exact", fast_opts)
+    for name in REGISTRY:
+        for a, b in zip(fast[name], ref[name]):
+            assert_same(a, b, tol=1e-4)

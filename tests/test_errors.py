@@ -14,10 +14,11 @@ from tokmarg.engine.score import EngineOptions, score
 from tokmarg.engine.tree import sliding_window
 from tokmarg.models import LoadedModel
 from tokmarg.prompts import PromptError, load_format, render
+from tokmarg.strategies import ModelTokens, Query, StrategyParams
 from tokmarg.taxonomy import LLAMA_GUARD_3
 
 
-def test_fast_engine_refuses_sliding_window_models() -> None:
+def test_fast_engine_refuses_sequences_past_the_sliding_window() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     small = dict(
@@ -32,8 +33,12 @@ def test_fast_engine_refuses_sliding_window_models() -> None:
     assert sliding_window(mistral) == 8
     assert sliding_window(LlamaForCausalLM(LlamaConfig(**small))) is None
     lm = LoadedModel("tiny-mistral", mistral, None, torch.device("cpu"), torch.float32)
-    with pytest.raises(EngineError, match="sliding-window.*--engine reference"):
-        score(lm, None, None, [], [], {}, "exact", EngineOptions("fast"))  # type: ignore[arg-type]
+    tokens = ModelTokens((1, 2), {}, {}, {}, {})
+    params = {"token_probability": StrategyParams(max_new_tokens=3)}
+    queries = [Query("s1", (5,) * 3, LLAMA_GUARD_3.labels, False), Query("s2", (5,) * 4, LLAMA_GUARD_3.labels, False)]
+    # 4 prompt + 3 new + 2 forced tokens > window 8: the fast engine would not be exact
+    with pytest.raises(EngineError, match=r"window 8\) and sample s2 needs 4 prompt \+ 5 new.*--engine reference"):
+        score(lm, None, tokens, queries, ["token_probability"], params, "exact", EngineOptions("fast"))  # type: ignore[arg-type]
 
 
 class _RefusingTokenizer:

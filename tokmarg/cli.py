@@ -45,10 +45,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tokmarg.engine import EngineError
     from tokmarg.models import ModelError
     from tokmarg.prompts import PromptError
+    from tokmarg.report.inputs import ReportError
     from tokmarg.rundir import RunError
     from tokmarg.strategies import UnknownStrategy
 
-    return ConfigError, DataError, EngineError, ModelError, PromptError, RunError, UnknownStrategy
+    return ConfigError, DataError, EngineError, ModelError, PromptError, ReportError, RunError, UnknownStrategy
 
 
 OOM_HINT = "out of memory: lower --batch-size or --max-forward-tokens (or use a smaller dtype)"
@@ -168,8 +169,10 @@ def eval_cmd(
         str, typer.Option(help="interface of the local Ray dashboard (anything but 127.0.0.1 exposes it)")
     ] = "127.0.0.1",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    no_report: Annotated[bool, typer.Option("--no-report", help="skip writing RUN/report (tokmarg report)")] = False,
 ) -> None:
-    """Score a dataset with every strategy on every model and print the strategy x model tables."""
+    """Score a dataset with every strategy on every model, print the strategy x model tables and
+    write the report (RUN/report/report.html)."""
     from tokmarg.config import build_config
     from tokmarg.data import load_dataset
     from tokmarg.engine.score import EngineOptions
@@ -230,6 +233,40 @@ def eval_cmd(
         raise _fail(OOM_HINT + _kept(out)) from None
     _print_table(metrics, manifest)
     typer.echo(f"run directory: {out}")
+    if not no_report:
+        _report([out], out / "report", after_run=True)
+
+
+def _report(run_dirs: list[Path], out: Path, after_run: bool = False) -> None:
+    from tokmarg.report import write_report
+
+    retry = f"; the run itself is complete: `tokmarg report {run_dirs[0]}` retries" if after_run else ""
+    try:
+        files = write_report(run_dirs, out)
+    except _user_errors() as e:
+        raise _fail(str(e) + retry) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or out}: cannot write the report ({e.strerror or e})" + retry) from None
+    typer.echo(f"report: {files.html} (and report.md, {len(files.plots)} plots, {len(files.csvs)} CSVs)")
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="finished run directories (of one dataset)", metavar="RUN_DIR...", show_default=False),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="report directory (default RUN_DIR/report; required with several runs)")
+    ] = None,
+) -> None:
+    """Write report.md, a self-contained report.html, plots and CSVs for one or more runs.
+    Several run directories (e.g. one per model) combine when they scored the same samples."""
+    if out is None:
+        if len(run_dirs) > 1:
+            raise _fail("several run directories: give --out DIR for the combined report")
+        out = run_dirs[0] / "report"
+    _report(run_dirs, out)
 
 
 def _launcher(

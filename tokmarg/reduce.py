@@ -52,29 +52,32 @@ def finalize_model(df: pd.DataFrame, cfg: Config, ds: Dataset) -> dict[str, dict
     return fitted
 
 
-def _score_matrix(g: pd.DataFrame, codes: list[str]) -> np.ndarray | None:
+def score_matrix(g: pd.DataFrame, codes: list[str]) -> np.ndarray | None:
+    """(n, len(codes)) scores of one model x strategy's rows (missing codes 0); None without scores."""
     scores = [json.loads(s) if isinstance(s, str) else None for s in g["scores"]]
     if not any(s is not None for s in scores):
         return None
     return np.array([[(s or {}).get(c, 0.0) for c in codes] for s in scores], dtype=float)
 
 
-def _in_order(g: pd.DataFrame, ds: Dataset) -> pd.DataFrame:
-    order = {s.id: i for i, s in enumerate(ds.samples)}
+def in_order(g: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
+    """The rows of ``g`` in the order of the sample ids ``ids``."""
+    order = {s: i for i, s in enumerate(ids)}
     return g.iloc[np.argsort([order[i] for i in g["sample_id"]])]
 
 
 def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 1000) -> pd.DataFrame:
     """predictions -> one metrics row per model x strategy (SPEC §3)."""
     codes = list(cfg.taxonomy.codes)
+    ids = [s.id for s in ds.samples]
     y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
     out = []
     params = {m.name: m.params for m in cfg.models}
     for (model, strategy), g in pred.groupby(["model", "strategy"], sort=False):
-        g = _in_order(g, ds)
+        g = in_order(g, ids)
         kind = REGISTRY[strategy].kind
         thr = params[model][strategy].threshold
-        scored = _score_matrix(g, ["unsafe", *codes])  # parsed once: column 0 is the binary view
+        scored = score_matrix(g, ["unsafe", *codes])  # parsed once: column 0 is the binary view
         y_score = None if scored is None else scored[:, 1:]
         if kind == "scores":
             y_pred = y_score >= thr if y_score is not None else np.zeros_like(y_true)
@@ -105,24 +108,27 @@ def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 10
     return pd.DataFrame(out)
 
 
-def cross_model_tables(metrics: pd.DataFrame, pred: pd.DataFrame, cfg: Config, ds: Dataset) -> dict[str, pd.DataFrame]:
+def cross_model_tables(
+    metrics: pd.DataFrame, pred: pd.DataFrame, ids: list[str], codes: list[str], y_true: np.ndarray
+) -> dict[str, pd.DataFrame]:
     """SPEC §4 tables by file stem: generalization and ranking agreement per headline metric,
-    threshold transfer of the score strategies. Empty with fewer than two models."""
+    threshold transfer of the score strategies. Empty with fewer than two models.
+
+    ``ids`` orders the samples of ``y_true`` (n, len(codes)); ``pred`` holds every model's rows.
+    """
     if metrics["model"].nunique() < 2:
         return {}
     tables: dict[str, pd.DataFrame] = {}
     for metric, higher in HEADLINE:
         tables[f"generalization_{metric}"] = generalization_table(metrics, metric, higher).reset_index()
         tables[f"ranking_agreement_{metric}"] = ranking_agreement(metrics, metric, higher)
-    codes = list(cfg.taxonomy.codes)
-    y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
     transfers = []
-    for strategy in cfg.strategies:
+    for strategy in pd.unique(metrics["strategy"]):
         if REGISTRY[strategy].kind != "scores":
             continue
         curves = {}
         for model, g in pred[pred["strategy"] == strategy].groupby("model", sort=False):
-            ys = _score_matrix(_in_order(g, ds), codes)
+            ys = score_matrix(in_order(g, ids), codes)
             if ys is not None:
                 curves[model] = (y_true, ys)
         if len(curves) >= 2:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 RUN_FILE = "run.json"
+LABELS_FILE = "labels.parquet"  # the true labels beside the predictions (written by the reduce)
 LOCK_FILE = ".lock"
 FORMAT = 1
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -28,7 +29,18 @@ from tokmarg.engine.score import EngineOptions
 from tokmarg.launch import Launcher
 from tokmarg.prompts import BUILTIN_FORMATS
 from tokmarg.reduce import cross_model_tables, finalize_model, metrics_table, model_timing
-from tokmarg.rundir import FORMAT, RunDir, RunError, atomic_write, file_sha256, now, plan, slug, write_parquet
+from tokmarg.rundir import (
+    FORMAT,
+    LABELS_FILE,
+    RunDir,
+    RunError,
+    atomic_write,
+    file_sha256,
+    now,
+    plan,
+    slug,
+    write_parquet,
+)
 from tokmarg.worker import Partition, PartitionResult, WorkerSpec
 
 TRANSDUCTIVE_NOTE = "t_opti of the uncertainty strategies is fitted on the evaluated set's own labels (as the paper)"
@@ -251,6 +263,9 @@ def _reduce(
         frames.append(df)
         timing[mc.name] = {"load_seconds": loads.get(mc.name), **model_timing(metas)}
     pred = pd.concat(frames, ignore_index=True)
+    # the truth beside the predictions: a report needs no dataset file (runs may combine across machines)
+    labels = pd.DataFrame({"sample_id": [s.id for s in ds.samples], "labels": [list(s.labels) for s in ds.samples]})
+    write_parquet(labels, out / LABELS_FILE, {"codes": list(cfg.taxonomy.codes), "dataset_sha256": ds.sha256})
     metrics = metrics_table(pred, cfg, ds)
     # reference: each strategy's own time; fast: the strategies share forwards, so every row
     # shows the time of all of them together
@@ -260,7 +275,9 @@ def _reduce(
         for m, s in zip(metrics.model, metrics.strategy)
     ]
     atomic_write(out / "metrics.csv", metrics.to_csv(index=False).encode())
-    tables = cross_model_tables(metrics, pred, cfg, ds)
+    codes = list(cfg.taxonomy.codes)
+    y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
+    tables = cross_model_tables(metrics, pred, list(labels["sample_id"]), codes, y_true)
     for name, t in tables.items():
         atomic_write(out / "tables" / f"{name}.csv", t.to_csv(index=False).encode())
     job = record["job"]

@@ -115,7 +115,7 @@ class Worker:
             allow_pickle=spec.allow_pickle,
             device_map="auto" if spec.spread else None,
         )
-        check_engine(self.lm, spec.engine)  # e.g. a sliding-window model on the fast engine: fail at load
+        check_engine(self.lm, spec.engine)  # an unknown engine fails at load
         self.info, self.tokens = model_view(self.lm, spec.labels[1:])
         self.template_prefix = self._template_prefix()
         self.load_seconds = time.perf_counter() - t0

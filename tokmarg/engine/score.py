@@ -38,10 +38,31 @@ def check_engine(lm: LoadedModel, opts: EngineOptions) -> None:
     """Refuse what an engine cannot run, before any work."""
     if opts.engine not in ENGINES:
         raise EngineError(f"--engine {opts.engine!r} is not available; available: {', '.join(ENGINES)}")
-    if opts.engine == "fast" and (window := sliding_window(lm.model)):
+
+
+def check_window(
+    lm: LoadedModel, tokens: ModelTokens, queries: Sequence[Query], params: dict[str, StrategyParams]
+) -> None:
+    """A sliding-window model runs on the fast engine only while every sequence fits its window:
+    within the window its local layers see what full attention sees, so the packed cache (which
+    outgrows any window) gives the model's own logits. Past it they would not: refuse."""
+    window = sliding_window(lm.model)
+    if not window or not queries:
+        return
+    # an upper bound on what any strategy appends: generated tokens, or a forced prefix, a code's
+    # remaining tokens and a verdict
+    new = (
+        max((p.max_new_tokens for p in params.values()), default=0)
+        + len(tokens.forced_prefix)
+        + max((len(r) for r in tokens.code_rest.values()), default=0)
+        + max((len(v) for v in tokens.verdict_ids.values()), default=0)
+    )
+    q = max(queries, key=lambda q: len(q.prompt_ids))
+    if len(q.prompt_ids) + new > window:
         raise EngineError(
-            f"model {lm.name!r} uses sliding-window attention (window {window}); the fast engine packs a batch into "
-            "one cache and needs full attention: use --engine reference"
+            f"model {lm.name!r} uses sliding-window attention (window {window}) and sample {q.sample_id} needs "
+            f"{len(q.prompt_ids)} prompt + {new} new tokens; the fast engine is exact only within the window: "
+            "use --engine reference (or a shorter prompt)"
         )
 
 
@@ -77,6 +98,7 @@ def score(
                 if on_done:
                     on_done(s, 1)
         return outs, stats
+    check_window(lm, tokens, queries, {s: params[s] for s in strategies})
     batch, max_fwd = opts.resolved(lm.device.type == "cuda")
     t0 = time.perf_counter()
     prompts = [q.prompt_ids for q in queries]

@@ -25,8 +25,8 @@ from tokmarg.engine.scheduler import Node
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The attention window of a sliding-window model (Mistral v0.1, Gemma 2/3, ...), else None.
 
-    The packed cache holds a whole batch, so it outgrows any window: such models need the
-    reference engine (or a cache per sample, not implemented)."""
+    The packed cache holds a whole batch, so it outgrows any window; the fast engine runs such
+    a model only while every sequence fits the window (see ``check_window``)."""
     cfg = model.config
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
@@ -67,7 +67,7 @@ class TreeBackend:
 
         self.model, self.device, self.max_forward = model, device, max(1, max_forward_tokens)
         self.dtype = next(model.parameters()).dtype
-        self.cache = DynamicCache()  # full attention layers only (see sliding_window)
+        self.cache = DynamicCache()  # every layer keeps the whole packed cache (see sliding_window)
         self.prefix = tuple(prefix)
         self.P = len(self.prefix)
         self.calls = 0  # model forward calls after the prefix (each a sequential step on a GPU)

@@ -9,6 +9,7 @@ from tokmarg.metrics.core import (
     HEADLINE,
     binarize,
     brier_score,
+    calibration_bins,
     compute_metrics,
     expected_calibration_error,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "binarize",
     "bootstrap_headline",
     "brier_score",
+    "calibration_bins",
     "choose_k",
     "compute_metrics",
     "expected_calibration_error",

@@ -56,11 +56,36 @@ def _safe_ap(y: np.ndarray, s: np.ndarray) -> float:
         return float(average_precision_score(y, s))
 
 
-def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error over all flattened (sample, code) pairs.
+def calibration_bins(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Per-bin totals of a reliability diagram over all flattened (sample, code) pairs.
 
     Bins are ``n_bins`` equal-width intervals on [0, 1]: [0, 1/B), [1/B, 2/B), ..., [(B-1)/B, 1]
-    (the last one closed). ECE = sum_b |B_b| / N * |mean(score in b) - mean(y in b)|.
+    (the last one closed).
+
+    Args:
+        y_true: (n, k) or (m,) bool/0-1 labels.
+        y_score: same shape, float scores in [0, 1].
+
+    Returns:
+        (n_bins, 3) float array: per bin the pair count, the sum of scores and the sum of labels.
+    """
+    y = np.asarray(y_true, dtype=float).ravel()
+    s = np.asarray(y_score, dtype=float).ravel()
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
+    return np.stack(
+        [
+            np.bincount(idx, minlength=n_bins).astype(float),
+            np.bincount(idx, weights=s, minlength=n_bins),
+            np.bincount(idx, weights=y, minlength=n_bins),
+        ],
+        axis=1,
+    )
+
+
+def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error over all flattened (sample, code) pairs, in the bins of
+    :func:`calibration_bins`: ECE = sum_b |B_b| / N * |mean(score in b) - mean(y in b)|.
 
     Args:
         y_true: (n, k) or (m,) bool/0-1 labels.
@@ -69,16 +94,12 @@ def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, n_bins: 
     Returns:
         The ECE as a float; NaN for empty input.
     """
-    y = np.asarray(y_true, dtype=float).ravel()
-    s = np.asarray(y_score, dtype=float).ravel()
-    if s.size == 0:
+    n = np.asarray(y_score).size
+    if n == 0:
         return float("nan")
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
-    sum_s = np.bincount(idx, weights=s, minlength=n_bins)
-    sum_y = np.bincount(idx, weights=y, minlength=n_bins)
+    bins = calibration_bins(y_true, y_score, n_bins)
     # |B|/N * |sum_s/|B| - sum_y/|B|| == |sum_s - sum_y| / N  (empty bins contribute 0)
-    return float(np.abs(sum_s - sum_y).sum() / s.size)
+    return float(np.abs(bins[:, 1] - bins[:, 2]).sum() / n)
 
 
 def brier_score(y_true: np.ndarray, y_score: np.ndarray) -> float:

@@ -1,0 +1,199 @@
+"""The report's tables (SPEC §3-4): numeric DataFrames, each also written as a CSV.
+
+Per-(model, strategy) numbers come from the runs' own ``metrics.csv``; what needs every model at
+once (generalization, ranking agreement, threshold transfer) or the scores themselves
+(F1-versus-threshold curves, reliability diagrams) is computed here from the combined inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tokmarg.metrics import ECE_BINS, calibration_bins, f1_threshold_curve
+from tokmarg.reduce import HEADLINE, TRANSFER_GRID, cross_model_tables
+from tokmarg.report.inputs import ReportInputs
+from tokmarg.strategies import REGISTRY
+
+BINARY = ("unsafe_f1", "unsafe_pr_auc", "unsafe_fpr")
+
+
+def score_strategies(inputs: ReportInputs) -> list[str]:
+    """Strategies whose scores are thresholded into codes (SPEC §2 ``scores`` kind)."""
+    return [s for s in inputs.strategies if s in REGISTRY and REGISTRY[s].kind == "scores"]
+
+
+def headline_table(inputs: ReportInputs) -> pd.DataFrame:
+    """model, strategy, then each headline metric with its bootstrap ``_lo`` / ``_hi``."""
+    cols = [c for m, _ in HEADLINE for c in (m, f"{m}_lo", f"{m}_hi")]
+    m = inputs.metrics
+    return m[["model", "strategy", *[c for c in cols if c in m.columns]]].reset_index(drop=True)
+
+
+def cross_tables(inputs: ReportInputs) -> dict[str, pd.DataFrame]:
+    """Generalization, ranking agreement (per headline metric) and threshold transfer; {} for one model."""
+    return cross_model_tables(
+        inputs.metrics, inputs.predictions, list(inputs.sample_ids), list(inputs.codes), inputs.y_true
+    )
+
+
+def per_code_table(inputs: ReportInputs, metric: str) -> pd.DataFrame:
+    """model, strategy, one column per code with ``<metric>/<code>`` (``f1`` or ``roc_auc``)."""
+    m = inputs.metrics
+    out = m[["model", "strategy"]].copy()
+    for c in inputs.codes:
+        out[c] = m[f"{metric}/{c}"] if f"{metric}/{c}" in m.columns else np.nan
+    if metric != "f1":  # strategies without scores have no AUC at all
+        out = out[out[list(inputs.codes)].notna().any(axis=1)]
+    return out.reset_index(drop=True)
+
+
+def support(inputs: ReportInputs) -> pd.Series:
+    """Samples labelled with each code."""
+    return pd.Series(inputs.y_true.sum(axis=0).astype(int), index=list(inputs.codes), name="support")
+
+
+def calibration_table(inputs: ReportInputs) -> pd.DataFrame:
+    """model, strategy, ece, brier for every strategy with scores."""
+    m = inputs.metrics
+    out = m[["model", "strategy", "ece", "brier"]]
+    return out[out["ece"].notna()].reset_index(drop=True)
+
+
+def reliability_table(inputs: ReportInputs, strategies: list[str], n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """Reliability diagram data over all (sample, code) pairs: per model x strategy x bin the
+    pair count, mean score and fraction of true labels (the bins of the ECE)."""
+    rows = []
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for strategy in strategies:
+        for model in inputs.models:
+            ys = inputs.scores(model, strategy)
+            if ys is None:
+                continue
+            bins = calibration_bins(inputs.y_true, ys, n_bins)
+            for b, (n, s, y) in enumerate(bins):
+                rows.append(
+                    {
+                        "model": model,
+                        "strategy": strategy,
+                        "bin_lo": edges[b],
+                        "bin_hi": edges[b + 1],
+                        "n_pairs": int(n),
+                        "mean_score": s / n if n else np.nan,
+                        "fraction_true": y / n if n else np.nan,
+                    }
+                )
+    return pd.DataFrame(
+        rows, columns=["model", "strategy", "bin_lo", "bin_hi", "n_pairs", "mean_score", "fraction_true"]
+    )
+
+
+def f1_curves(inputs: ReportInputs, strategies: list[str], grid: np.ndarray = TRANSFER_GRID) -> pd.DataFrame:
+    """Micro F1 of ``scores >= t`` for every t of ``grid``, per model x strategy (long format)."""
+    frames = []
+    for strategy in strategies:
+        for model in inputs.models:
+            ys = inputs.scores(model, strategy)
+            if ys is None:
+                continue
+            f1 = f1_threshold_curve(inputs.y_true, ys, grid)
+            frames.append(pd.DataFrame({"model": model, "strategy": strategy, "threshold": grid, "f1_micro": f1}))
+    cols = ["model", "strategy", "threshold", "f1_micro"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def binary_table(inputs: ReportInputs) -> pd.DataFrame | None:
+    """The safe/unsafe view per model x strategy; None where the data has no safe rows."""
+    if not inputs.has_safe or not set(BINARY) <= set(inputs.metrics.columns):
+        return None
+    return inputs.metrics[["model", "strategy", *BINARY]].reset_index(drop=True)
+
+
+def uncertainty_table(inputs: ReportInputs) -> pd.DataFrame:
+    """model, strategy, calibration mode and the fitted t_opti of each uncertainty strategy."""
+    rows = []
+    for run in inputs.runs:
+        for model, fitted in (run.manifest.get("t_opti") or {}).items():
+            for strategy, values in fitted.items():
+                rows.append(
+                    {
+                        "model": model,
+                        "strategy": strategy,
+                        "calibration": run.manifest.get("calibration", ""),
+                        **{k: v for k, v in values.items() if isinstance(v, (int, float))},
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _seconds(timing: dict) -> float:
+    secs = timing.get("seconds", {})
+    return float(secs["all"]) if "all" in secs else float(sum(secs.values()))
+
+
+def model_facts(inputs: ReportInputs) -> pd.DataFrame:
+    """Per model: where and how it ran, what it cost."""
+    rows = []
+    n = max(1, len(inputs.sample_ids))
+    for run in inputs.runs:
+        man = run.manifest
+        launch = man.get("launch", {})
+        workers = launch.get("workers", launch.get("actors", []))
+        for model in man["models"]:
+            t = man.get("timing", {}).get(model, {})
+            w = next((w for w in workers if w.get("model") == model), {})
+            tokens = man.get("tokens_forwarded", {}).get(model, t.get("tokens_forwarded", 0))
+            rows.append(
+                {
+                    "model": model,
+                    "run": str(run.path),
+                    "launcher": launch.get("launcher", ""),
+                    "device": w.get("device", ""),
+                    "dtype": w.get("dtype", ""),
+                    "load_seconds": t.get("load_seconds"),
+                    "scoring_seconds": _seconds(t) if t else np.nan,
+                    "seconds_per_sample": _seconds(t) / n if t else np.nan,
+                    "tokens_forwarded": int(tokens),
+                    "tokens_per_sample": tokens / n,
+                    "shared_prefix_tokens": t.get("prefix_tokens"),
+                    "partitions": t.get("partitions"),
+                    "workers": "; ".join(f"{k}: {v}" for k, v in t.get("partitions_by_worker", {}).items()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def run_facts(inputs: ReportInputs) -> pd.DataFrame:
+    """Per run directory: command, data, semantics, versions, times."""
+    rows = []
+    for run in inputs.runs:
+        man = run.manifest
+        v = man.get("versions", {})
+        rows.append(
+            {
+                "run": str(run.path),
+                "command": man.get("command", ""),
+                "dataset": man.get("dataset", ""),
+                "dataset_sha256": man["dataset_sha256"],
+                "n_samples": man["n_samples"],
+                "n_skipped": man.get("n_skipped", 0),
+                "semantics": man["semantics"],
+                "engine": man["engine"],
+                "calibration": man.get("calibration", ""),
+                "started": man.get("started", ""),
+                "finished": man.get("finished", ""),
+                **{f"version_{k}": v.get(k, "") for k in ("tokmarg", "torch", "transformers", "ray", "python")},
+                "machine": man.get("machine", {}).get("platform", ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def params_table(inputs: ReportInputs) -> pd.DataFrame:
+    """The resolved parameters each model ran with: model, prompt, strategy, then the params."""
+    rows = []
+    for run in inputs.runs:
+        for model, res in run.manifest.get("resolved", {}).items():
+            for strategy, p in res.get("params", {}).items():
+                rows.append({"model": model, "prompt": res.get("prompt", ""), "strategy": strategy, **p})
+    return pd.DataFrame(rows)
