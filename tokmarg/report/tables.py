@@ -7,6 +7,8 @@ once (generalization, ranking agreement, threshold transfer) or the scores thems
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 
@@ -60,29 +62,33 @@ def calibration_table(inputs: ReportInputs) -> pd.DataFrame:
     return out[out["ece"].notna()].reset_index(drop=True)
 
 
+def _scored(inputs: ReportInputs, strategies: list[str]) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(strategy, model, scores) for every model x strategy that has scores."""
+    for strategy in strategies:
+        for model in inputs.models:
+            ys = inputs.scores(model, strategy)
+            if ys is not None:
+                yield strategy, model, ys
+
+
 def reliability_table(inputs: ReportInputs, strategies: list[str], n_bins: int = ECE_BINS) -> pd.DataFrame:
     """Reliability diagram data over all (sample, code) pairs: per model x strategy x bin the
     pair count, mean score and fraction of true labels (the bins of the ECE)."""
     rows = []
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    for strategy in strategies:
-        for model in inputs.models:
-            ys = inputs.scores(model, strategy)
-            if ys is None:
-                continue
-            bins = calibration_bins(inputs.y_true, ys, n_bins)
-            for b, (n, s, y) in enumerate(bins):
-                rows.append(
-                    {
-                        "model": model,
-                        "strategy": strategy,
-                        "bin_lo": edges[b],
-                        "bin_hi": edges[b + 1],
-                        "n_pairs": int(n),
-                        "mean_score": s / n if n else np.nan,
-                        "fraction_true": y / n if n else np.nan,
-                    }
-                )
+    for strategy, model, ys in _scored(inputs, strategies):
+        for b, (n, s, y) in enumerate(calibration_bins(inputs.y_true, ys, n_bins)):
+            rows.append(
+                {
+                    "model": model,
+                    "strategy": strategy,
+                    "bin_lo": edges[b],
+                    "bin_hi": edges[b + 1],
+                    "n_pairs": int(n),
+                    "mean_score": s / n if n else np.nan,
+                    "fraction_true": y / n if n else np.nan,
+                }
+            )
     return pd.DataFrame(
         rows, columns=["model", "strategy", "bin_lo", "bin_hi", "n_pairs", "mean_score", "fraction_true"]
     )
@@ -91,13 +97,9 @@ def reliability_table(inputs: ReportInputs, strategies: list[str], n_bins: int =
 def f1_curves(inputs: ReportInputs, strategies: list[str], grid: np.ndarray = TRANSFER_GRID) -> pd.DataFrame:
     """Micro F1 of ``scores >= t`` for every t of ``grid``, per model x strategy (long format)."""
     frames = []
-    for strategy in strategies:
-        for model in inputs.models:
-            ys = inputs.scores(model, strategy)
-            if ys is None:
-                continue
-            f1 = f1_threshold_curve(inputs.y_true, ys, grid)
-            frames.append(pd.DataFrame({"model": model, "strategy": strategy, "threshold": grid, "f1_micro": f1}))
+    for strategy, model, ys in _scored(inputs, strategies):
+        f1 = f1_threshold_curve(inputs.y_true, ys, grid)
+        frames.append(pd.DataFrame({"model": model, "strategy": strategy, "threshold": grid, "f1_micro": f1}))
     cols = ["model", "strategy", "threshold", "f1_micro"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
