@@ -120,7 +120,9 @@ def _wait_for(cond, timeout: float, proc: subprocess.Popen | None = None) -> Non
 
 
 def _parts(out: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("partitions/*/*")}
+    # finished partitions only: a driver killed mid-write leaves a `.part-*.tmp` that a resume removes
+    files = out.glob("partitions/*/part-*.parquet")
+    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
 
 
 def _actor_pids() -> list[int]:
