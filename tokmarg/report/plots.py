@@ -73,9 +73,8 @@ def heatmap(table: pd.DataFrame, codes: list[str], support: pd.Series, title: st
         for j in range(values.shape[1]):
             v = values[i, j]
             text = "–" if np.isnan(v) else f"{v:.2f}"
-            ax.text(
-                j, i, text, ha="center", va="center", fontsize=6.5, color="white" if np.isnan(v) or v < 0.6 else "black"
-            )
+            color = "grey" if np.isnan(v) else "white" if v < 0.6 else "black"  # NaN cells are blank (masked)
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color=color)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
     return _png(fig)
