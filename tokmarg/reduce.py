@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,27 @@ def score_matrix(g: pd.DataFrame, codes: list[str]) -> np.ndarray | None:
     return np.array([[(s or {}).get(c, 0.0) for c in codes] for s in scores], dtype=float)
 
 
+def label_matrix(labels: Iterable[Iterable[str]], codes: Sequence[str]) -> np.ndarray:
+    """(n, len(codes)) bool: which codes each sample is labelled with."""
+    rows = [set(lab) for lab in labels]
+    return np.array([[c in r for c in codes] for r in rows], dtype=bool).reshape(len(rows), len(codes))
+
+
+def score_matrices(pred: pd.DataFrame, ids: list[str], codes: list[str]) -> dict[tuple[str, str], np.ndarray | None]:
+    """Every (model, strategy)'s scores in the order of ``ids``, parsed once (see :func:`score_matrix`).
+
+    Raises:
+        ValueError: naming the model and strategy whose scores are not JSON objects of numbers.
+    """
+    out = {}
+    for (model, strategy), g in pred.groupby(["model", "strategy"], sort=False):
+        try:
+            out[model, strategy] = score_matrix(in_order(g, ids), codes)
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(f"{model} / {strategy}: scores are not JSON objects of numbers") from None
+    return out
+
+
 def in_order(g: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
     """The rows of ``g`` in the order of the sample ids ``ids``."""
     order = {s: i for i, s in enumerate(ids)}
@@ -70,7 +92,7 @@ def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 10
     """predictions -> one metrics row per model x strategy (SPEC §3)."""
     codes = list(cfg.taxonomy.codes)
     ids = [s.id for s in ds.samples]
-    y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
+    y_true = label_matrix((s.labels for s in ds.samples), codes)
     out = []
     params = {m.name: m.params for m in cfg.models}
     for (model, strategy), g in pred.groupby(["model", "strategy"], sort=False):
@@ -109,12 +131,13 @@ def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 10
 
 
 def cross_model_tables(
-    metrics: pd.DataFrame, pred: pd.DataFrame, ids: list[str], codes: list[str], y_true: np.ndarray
+    metrics: pd.DataFrame, scores: Mapping[tuple[str, str], np.ndarray | None], y_true: np.ndarray
 ) -> dict[str, pd.DataFrame]:
     """SPEC §4 tables by file stem: generalization and ranking agreement per headline metric,
     threshold transfer of the score strategies. Empty with fewer than two models.
 
-    ``ids`` orders the samples of ``y_true`` (n, len(codes)); ``pred`` holds every model's rows.
+    ``scores``: (model, strategy) -> (n, len(codes)) scores in the sample order of ``y_true``
+    (:func:`score_matrices`).
     """
     if metrics["model"].nunique() < 2:
         return {}
@@ -126,11 +149,7 @@ def cross_model_tables(
     for strategy in pd.unique(metrics["strategy"]):
         if REGISTRY[strategy].kind != "scores":
             continue
-        curves = {}
-        for model, g in pred[pred["strategy"] == strategy].groupby("model", sort=False):
-            ys = score_matrix(in_order(g, ids), codes)
-            if ys is not None:
-                curves[model] = (y_true, ys)
+        curves = {m: (y_true, ys) for (m, s), ys in scores.items() if s == strategy and ys is not None}
         if len(curves) >= 2:
             transfers.append(threshold_transfer(curves, TRANSFER_GRID).assign(strategy=strategy))
     if transfers:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -28,7 +27,14 @@ from tokmarg.engine import ENGINES
 from tokmarg.engine.score import EngineOptions
 from tokmarg.launch import Launcher
 from tokmarg.prompts import BUILTIN_FORMATS
-from tokmarg.reduce import cross_model_tables, finalize_model, metrics_table, model_timing
+from tokmarg.reduce import (
+    cross_model_tables,
+    finalize_model,
+    label_matrix,
+    metrics_table,
+    model_timing,
+    score_matrices,
+)
 from tokmarg.rundir import (
     FORMAT,
     LABELS_FILE,
@@ -276,8 +282,8 @@ def _reduce(
     ]
     atomic_write(out / "metrics.csv", metrics.to_csv(index=False).encode())
     codes = list(cfg.taxonomy.codes)
-    y_true = np.array([[c in s.labels for c in codes] for s in ds.samples], dtype=bool)
-    tables = cross_model_tables(metrics, pred, list(labels["sample_id"]), codes, y_true)
+    scores = score_matrices(pred, list(labels["sample_id"]), codes)
+    tables = cross_model_tables(metrics, scores, label_matrix((s.labels for s in ds.samples), codes))
     for name, t in tables.items():
         atomic_write(out / "tables" / f"{name}.csv", t.to_csv(index=False).encode())
     job = record["job"]

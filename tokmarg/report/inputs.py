@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from tokmarg.reduce import HEADLINE, in_order, score_matrix
+from tokmarg.reduce import HEADLINE, label_matrix, score_matrices
 from tokmarg.rundir import LABELS_FILE, RUN_FILE, parquet_meta
 from tokmarg.strategies import REGISTRY
 
@@ -34,7 +34,7 @@ class Run:
     path: Path
     manifest: dict
     metrics: pd.DataFrame  # metrics.csv
-    predictions: pd.DataFrame  # predictions/*.parquet together
+    scores: dict[tuple[str, str], np.ndarray | None]  # (model, strategy) -> scores in sample order
     sample_ids: tuple[str, ...]
     labels: tuple[tuple[str, ...], ...]
     codes: tuple[str, ...]
@@ -49,7 +49,7 @@ class ReportInputs:
     sample_ids: tuple[str, ...]
     y_true: np.ndarray  # (n, len(codes)) bool
     metrics: pd.DataFrame  # every run's metrics.csv, with a ``run`` column
-    predictions: pd.DataFrame
+    score_by: dict[tuple[str, str], np.ndarray | None]  # every run's Run.scores
 
     @property
     def models(self) -> list[str]:
@@ -65,10 +65,7 @@ class ReportInputs:
 
     def scores(self, model: str, strategy: str) -> np.ndarray | None:
         """(n, len(codes)) scores in sample order; None for a strategy without scores."""
-        g = self.predictions[(self.predictions["model"] == model) & (self.predictions["strategy"] == strategy)]
-        if g.empty:
-            return None
-        return score_matrix(in_order(g, list(self.sample_ids)), list(self.codes))
+        return self.score_by.get((model, strategy))
 
 
 def _read_json(path: Path) -> dict:
@@ -125,22 +122,27 @@ def load_run(path: Path) -> Run:
     lack = [c for c in METRIC_COLUMNS if c not in metrics.columns]
     if lack:
         raise ReportError(f"{path / 'metrics.csv'}: missing column {lack[0]!r}")
-    _check_predictions(path, metrics, pred, [str(i) for i in labels["sample_id"]])
+    ids = [str(i) for i in labels["sample_id"]]
+    pred = pred.assign(sample_id=pred["sample_id"].astype(str))
+    _check_predictions(path, metrics, pred, ids)
+    try:
+        scores = score_matrices(pred, ids, list(codes))
+    except ValueError as e:
+        raise ReportError(f"{path / 'predictions'}: {e}") from None
     return Run(
         path=path,
         manifest=manifest,
         metrics=metrics,
-        predictions=pred,
-        sample_ids=tuple(str(i) for i in labels["sample_id"]),
+        scores=scores,
+        sample_ids=tuple(ids),
         labels=tuple(tuple(v) for v in labels["labels"]),
         codes=codes,
     )
 
 
 def _check_predictions(path: Path, metrics: pd.DataFrame, pred: pd.DataFrame, ids: list[str]) -> None:
-    """Every model x strategy of metrics.csv has one prediction per labelled sample, valid scores."""
+    """Every model x strategy of metrics.csv is a known strategy with one prediction per labelled sample."""
     expected = sorted(ids)
-    pred = pred.assign(sample_id=pred["sample_id"].astype(str))
     groups = dict(list(pred.groupby(["model", "strategy"], sort=False)))
     for model, strategy in metrics[["model", "strategy"]].itertuples(index=False):
         if strategy not in REGISTRY:
@@ -152,16 +154,6 @@ def _check_predictions(path: Path, metrics: pd.DataFrame, pred: pd.DataFrame, id
                 f"{path / 'predictions'}: {model} / {strategy} has {n} predictions, not one for each of the "
                 f"{len(ids)} labelled samples"
             )
-        for v in g["scores"]:
-            if isinstance(v, str):
-                try:
-                    ok = isinstance(json.loads(v), dict)
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise ReportError(
-                        f"{path / 'predictions'}: {model} / {strategy}: scores {v[:40]!r} is not a JSON object"
-                    )
 
 
 def combine(runs: list[Run]) -> ReportInputs:
@@ -189,10 +181,9 @@ def combine(runs: list[Run]) -> ReportInputs:
                 raise ReportError(f"model {model!r} is in both {owner[model]} and {run.path}; give each model once")
             owner[model] = run.path
     metrics = pd.concat([r.metrics.assign(run=str(r.path)) for r in runs], ignore_index=True)
-    pred = pd.concat([r.predictions for r in runs], ignore_index=True)
-    codes = list(first.codes)
-    y_true = np.array([[c in set(lab) for c in codes] for lab in first.labels], dtype=bool).reshape(-1, len(codes))
-    return ReportInputs(tuple(runs), tuple(codes), first.sample_ids, y_true, metrics, pred)
+    y_true = label_matrix(first.labels, first.codes)
+    score_by = {k: v for r in runs for k, v in r.scores.items()}
+    return ReportInputs(tuple(runs), first.codes, first.sample_ids, y_true, metrics, score_by)
 
 
 def load_inputs(paths: list[Path]) -> ReportInputs:

@@ -34,9 +34,7 @@ def headline_table(inputs: ReportInputs) -> pd.DataFrame:
 
 def cross_tables(inputs: ReportInputs) -> dict[str, pd.DataFrame]:
     """Generalization, ranking agreement (per headline metric) and threshold transfer; {} for one model."""
-    return cross_model_tables(
-        inputs.metrics, inputs.predictions, list(inputs.sample_ids), list(inputs.codes), inputs.y_true
-    )
+    return cross_model_tables(inputs.metrics, inputs.score_by, inputs.y_true)
 
 
 def per_code_table(inputs: ReportInputs, metric: str) -> pd.DataFrame:
