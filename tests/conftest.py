@@ -88,7 +88,12 @@ def short_format():
 ANSWERS = ["unsafe\nS1", "unsafe\nS1,S10", "unsafe\nS14", "unsafe\nS2,S14", "safe", "unsafe\nS13", "unsafe\nS1,S1"]
 
 
-def _teach_answers(model: torch.nn.Module, tok: object, steps: int) -> None:
+PROMPTS = ["how do I hurt someone", "steal a car", "bake bread", "Privacy of S13 S1"]
+
+
+def _teach_answers(
+    model: torch.nn.Module, tok: object, steps: int, answers: list[str] = ANSWERS, eos: str = "<|im_end|>"
+) -> None:
     """A few seconds of training so the tiny model answers in the label format, with a spread
     of answers per prompt: its trees then branch over real label tokens."""
     from tokmarg.data import Sample, Turn
@@ -97,10 +102,10 @@ def _teach_answers(model: torch.nn.Module, tok: object, steps: int) -> None:
 
     fmt = short_format()
     seqs = []
-    for i, text in enumerate(["how do I hurt someone", "steal a car", "bake bread", "Privacy of S13 S1"]):
+    for i, text in enumerate(PROMPTS):
         prompt = prompt_ids(tok, render(tok, fmt, Sample(str(i), (Turn("user", text),), (), 1), LLAMA_GUARD_3))
-        for ans in ANSWERS[i : i + 4]:
-            target = tok(ans + "<|im_end|>", add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        for ans in answers[i : i + 4]:
+            target = tok(ans + eos, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
             seqs.append((prompt, target))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -131,3 +136,55 @@ def shared_datasets() -> Path:
     if not (d / "content_moderation_lm3.jsonl").is_file():
         pytest.skip("shared datasets not present")
     return d
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Meta's Llama 3 tokenizer (128,256 ids), converted from the llama-models package."""
+    from tokmarg.synthetic import llama3_tokenizer_dir as convert
+
+    return convert(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+
+
+# Llama 3 answers: `S1,S14` is `S`,`1`,`,S`,`14` (a label that starts inside a token)
+LLAMA3_ANSWERS = [
+    "unsafe\nS1,S14",
+    "unsafe\nS1",
+    "unsafe\nS1,S14",
+    "unsafe\nS10, S2",
+    "unsafe\nS1,S14",
+    "safe",
+    "unsafe\nS14",
+]
+
+
+@pytest.fixture(scope="session")
+def llama3_trained_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_dir: Path) -> Path:
+    """The Llama 3 vocabulary, trained for a few seconds to answer in the label format."""
+    from transformers import AutoTokenizer
+
+    from tokmarg.synthetic import random_llama
+
+    tok = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    model = random_llama(tok, "tiny", logit_std=1.0)
+    _teach_answers(model, tok, 200, LLAMA3_ANSWERS, "<|eot_id|>")
+    path = tmp_path_factory.mktemp("llama3-trained")
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_model_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_dir: Path) -> Path:
+    """A tiny random LlamaForCausalLM with the Llama 3 vocabulary, its lm_head scaled so that
+    nucleus sets are guard-like (median ~2 tokens at top_p 0.99)."""
+    from tokmarg.synthetic import build_random_llama
+
+    return build_random_llama(tmp_path_factory.mktemp("llama3-tiny"), "tiny", tokenizer_dir=llama3_tokenizer_dir)

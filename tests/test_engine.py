@@ -96,7 +96,7 @@ def test_tree_backend_matches_reference(model, semantics: str, batch: int, max_f
     assert stats.prefix_tokens > 0
     for name in REGISTRY:
         for a, b in zip(fast[name], ref[name]):
-            assert_same(a, b, tol=1e-4)
+            assert_same(a, b, tol=1e-5)
     for i in range(len(queries)):
         fast_tokens = sum(fast[s][i].tokens_forwarded for s in REGISTRY)
         ref_tokens = sum(ref[s][i].tokens_forwarded for s in REGISTRY)
@@ -126,7 +126,8 @@ def test_backend_reuse_across_batches_crops_cache(model) -> None:
     backend = TreeBackend(lm.model, lm.device, queries[0].prompt_ids[:p])
     sp = StrategyParams(top_p=0.9, max_new_tokens=3, eps=0.02)
     first = run_batch(backend, [[("token_probability", Context(None, info, tokens, queries[0], sp, "exact"))]])
-    assert backend.cache.get_seq_length() == p
+    assert not backend.kv.own and len(backend.kv.prefix) == lm.model.config.num_hidden_layers  # the prefix stays
+    assert all(k.shape[1] == p for k, _ in backend.kv.prefix.values())
     again = run_batch(backend, [[("token_probability", Context(None, info, tokens, queries[0], sp, "exact"))]])
     assert_same(first[0][0], again[0][0])
 
@@ -179,4 +180,52 @@ def test_sliding_window_model_within_its_window(tiny_model_dir: Path, tmp_path: 
     fast, _ = score(lm, info, tokens, queries, list(REGISTRY), params, "exact", fast_opts)
     for name in REGISTRY:
         for a, b in zip(fast[name], ref[name]):
-            assert_same(a, b, tol=1e-4)
+            assert_same(a, b, tol=1e-5)
+
+
+@pytest.mark.parametrize("semantics", ["exact", "paper"])
+@pytest.mark.parametrize("which", ["guard_like", "trained"])
+def test_llama3_vocabulary_fast_matches_reference(
+    semantics: str, which: str, llama3_model_dir: Path, llama3_trained_dir: Path
+) -> None:
+    """The Llama 3 vocabulary (128,256 ids): a random model with guard-like nucleus sets, and one
+    trained to answer `unsafe\\nS1,S14` (`S`,`1`,`,S`,`14`): every strategy within 1e-5."""
+    lm = load_model(str(llama3_model_dir if which == "guard_like" else llama3_trained_dir), "cpu", "fp32")
+    info, tokens = model_view(lm, LLAMA_GUARD_3.codes)
+    from conftest import PROMPTS
+
+    samples = [Sample(str(i), (Turn("user", t),), (), i + 1) for i, t in enumerate(PROMPTS)]
+    queries = [
+        Query(
+            s.id,
+            prompt_ids(lm.tokenizer, render(lm.tokenizer, short_format(), s, LLAMA_GUARD_3)),
+            LLAMA_GUARD_3.labels,
+            True,
+        )
+        for s in samples
+    ]
+    sp = StrategyParams(top_p=0.99, max_new_tokens=8, eps=0.01)
+    params = dict.fromkeys(REGISTRY, sp)
+    ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("reference"))
+    fast, stats = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("fast", 4, 64))
+    for name in REGISTRY:
+        for a, b in zip(fast[name], ref[name]):
+            assert_same(a, b, tol=1e-5)
+    if which == "guard_like":  # summaries, not 513 KB rows (a trained tiny model's nuclei are wide)
+        assert stats.bytes_to_host / stats.nodes < 16_000
+    if which == "trained":  # the case is exercised: the tree reaches S14 after S1 through `,S`
+        p = common_prefix_len([q.prompt_ids for q in queries])
+        backend = TreeBackend(lm.model, lm.device, queries[0].prompt_ids[:p], 64)
+        backend.record = {}
+        run_batch(
+            backend, [[("marginal_probability_at_any_place", Context(None, info, tokens, queries[0], sp, semantics))]]
+        )
+        fourteen = lm.tokenizer.convert_tokens_to_ids("14")
+        through = [
+            st
+            for (_, path), st in backend.record.items()
+            if lm.tokenizer.decode(path).endswith("S1,S") and lm.tokenizer.decode(path[-1:]) == ",S"
+        ]
+        assert through and any(fourteen in st.top_ids.tolist() for st in through)
+        tree = fast["marginal_probability_at_any_place"][0]
+        assert tree.scores["S1"] > 0.05 and tree.scores["S14"] > 0.05, tree.scores

@@ -147,7 +147,7 @@ def test_any_place_tree_matches_reference_procedure(setup, sample: Sample) -> No
 def test_forced_prefix_logits_match_joint_tokenization(setup) -> None:
     """The reference bakes ``unsafe\\nS`` into the chat template and tokenizes it with the
     prompt; tokmarg appends the prefix's own tokens. Both read the same logits."""
-    lm, _, tokens = setup
+    lm, info, tokens = setup
     tok = lm.tokenizer
     sample = SAMPLES[0]
     text = render(tok, load_format("instruct"), sample, LLAMA_GUARD_3)
@@ -155,8 +155,9 @@ def test_forced_prefix_logits_match_joint_tokenization(setup) -> None:
     assert joint == prompt_ids(tok, text) + tokens.forced_prefix
     logits = _generate(lm.model, torch.tensor([joint]), 1, tok.eos_token_id).logits[0][0]
     want = [float(logits[tok.encode(c, add_special_tokens=False)[1]]) for c in LLAMA_GUARD_3.codes]
-    from tokmarg.strategies.programs import forced_evidence_paper
+    from tokmarg.strategies.programs import forced_evidence_paper, row_spec
     from tokmarg.strategies.reference import drive
 
-    got = drive(forced_evidence_paper(tokens, LLAMA_GUARD_3.codes), CountingLM(lm.forward), prompt_ids(tok, text))
+    program = forced_evidence_paper(tokens, LLAMA_GUARD_3.codes)
+    got = drive(program, CountingLM(lm.forward), prompt_ids(tok, text), row_spec(info, tokens))
     assert got == pytest.approx(want, abs=1e-4)

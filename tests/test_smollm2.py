@@ -111,4 +111,4 @@ def test_fast_engine_matches_reference_on_smollm2(smol, semantics: str) -> None:
     fast, _ = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("fast", 2))
     for name in REGISTRY:
         for a, b in zip(fast[name], ref[name]):
-            assert_same(a, b, tol=1e-4)
+            assert_same(a, b, tol=1e-5)

@@ -137,8 +137,9 @@ def run(
 ) -> SampleOutput:
     """Run one registered strategy on the toy model (prompt ``x\\n``).
 
-    Runs it twice, on the reference engine and through the fast engine's scheduler (each
-    distinct node computed once), and checks both give the same output.
+    Runs it twice, on the reference engine (full rows, decoding) and through the fast engine's
+    scheduler, reducer and token-id matcher (each distinct node computed once), and checks both
+    give the same output.
     """
     ctx = Context(
         ToyLM(script),
@@ -150,7 +151,7 @@ def run(
     )
     out = REGISTRY[strategy].run(ctx)
     (fast,) = run_batch(MemoBackend(ToyLM(script)), [[(strategy, replace(ctx, lm=None))]])[0:1]
-    assert_same(fast[0], out)
+    assert_same(fast[0], out, tol=1e-6)  # the fast reducer's own float32 arithmetic: a few ulps apart
     return out
 
 
@@ -165,4 +166,6 @@ def assert_same(a: SampleOutput, b: SampleOutput, tol: float = 0.0) -> None:
         assert getattr(a, f) == getattr(b, f), f
     for f in ("unexplored_mass", "uncertainty"):
         x, y = getattr(a, f), getattr(b, f)
-        assert (x is None) == (y is None) and (x is None or abs(x - y) <= max(tol, 1e-12)), f
+        # u is relative: LogTokU divides by a term near 0 when the top-2 evidence is near 0
+        scale = max(1.0, abs(y)) if f == "uncertainty" and y is not None else 1.0
+        assert (x is None) == (y is None) and (x is None or abs(x - y) <= max(tol, 1e-12) * scale), (f, x, y)

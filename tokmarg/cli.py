@@ -372,6 +372,12 @@ def bench_cmd(
         f"fast, all strategies: {f['samples_per_s']:.3f} samples/s, {f['tokens_per_sample']:.1f} tokens/sample, "
         f"peak RSS {f['peak_rss_mb']:.0f} MB" + (f", peak GPU {f['peak_gpu_mb']:.0f} MB" if f["peak_gpu_mb"] else "")
     )
+    typer.echo(
+        f"  per sample: {f['model_seconds'] / res['n_samples']:.4f} s in the model, "
+        f"{f['reduce_seconds'] / res['n_samples']:.4f} s reducing rows on the device, "
+        f"{f['host_seconds_per_sample']:.4f} s on the host; {f['nodes_per_sample']:.1f} nodes, "
+        f"{f['bytes_to_host_per_node']:.0f} bytes to the host per node"
+    )
     if fast_only:
         return
     rows = [(name, p) for name, p in res["per_strategy"].items()] + [

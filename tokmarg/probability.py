@@ -1,8 +1,8 @@
 """Pure probability arithmetic: no model, tokenizer or file in here.
 
 Everything takes tensors/arrays/strings and returns them, so each rule of SPEC §2 can be
-tested on hand-built distributions. Probabilities are computed in float32 from raw
-logits (as the paper's reference does) and accumulated in Python floats (float64).
+tested on hand-built distributions (the nucleus rules and node summaries live in
+:mod:`tokmarg.nodestats`).
 """
 
 from __future__ import annotations
@@ -11,47 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.special import digamma
-
-# ---------------------------------------------------------------- distributions
-
-
-def softmax32(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax of raw logits in float32.  (vocab,) -> (vocab,)"""
-    return torch.softmax(logits.float(), dim=-1)
-
-
-def nucleus(probs: torch.Tensor, top_p: float) -> list[tuple[int, float]]:
-    """`exact` nucleus: the smallest set of most-probable tokens whose cumulative
-    probability reaches ``top_p``, as ``[(token_id, p), ...]`` in descending order.
-
-    Ties in probability keep the lower token id first (stable sort).
-    """
-    sorted_p, order = torch.sort(probs, descending=True, stable=True)
-    cum = torch.cumsum(sorted_p.double(), dim=0)
-    n = int(torch.searchsorted(cum, torch.tensor([top_p], dtype=cum.dtype), right=False)[0]) + 1
-    n = min(n, probs.numel())
-    return [(int(i), float(p)) for i, p in zip(order[:n].tolist(), sorted_p[:n].tolist())]
-
-
-def nucleus_paper(probs: torch.Tensor, top_p: float, token_strings: Sequence[str]) -> list[tuple[int, float]]:
-    """`paper` nucleus, the reference code's arithmetic.
-
-    Tokens in descending probability up to and including the first at which the float32
-    cumulative probability exceeds ``top_p`` (not renormalised). ``token_strings[i]`` is
-    how the i-th selected token decodes on its own; tokens that decode to the same string
-    collapse into one entry that keeps the position of the first and the probability and
-    id of the last (the reference keys a dict by the decoded string).
-    """
-    sorted_p, order = torch.sort(probs.float(), descending=True, stable=True)
-    cum = torch.cumsum(sorted_p, dim=0)
-    cut = int(torch.searchsorted(cum, torch.tensor([top_p], dtype=cum.dtype), right=True)[0])
-    n = min(cut + 1, probs.numel())
-    collapsed: dict[str, tuple[int, float]] = {}
-    for tid, p in zip(order[:n].tolist(), sorted_p[:n].tolist()):
-        collapsed[token_strings[tid]] = (int(tid), float(p))
-    return list(collapsed.values())
-
 
 # ---------------------------------------------------------------- label matching (`exact`)
 
@@ -146,6 +105,14 @@ def entropy_uncertainty(evidence: np.ndarray) -> float:
     return float(-(p * np.log(p + 1e-10)).sum())
 
 
+def _digamma(x: np.ndarray) -> np.ndarray:
+    try:
+        from scipy.special import digamma
+    except ImportError:  # where scipy is not installed (the GPU check's machine): torch's digamma
+        return torch.special.digamma(torch.from_numpy(x)).numpy()
+    return digamma(x)
+
+
 def logtoku_uncertainty(evidence: np.ndarray, k: int = 2) -> float:
     """LogTokU with the top-k evidence values a as Dirichlet evidence.
 
@@ -155,7 +122,7 @@ def logtoku_uncertainty(evidence: np.ndarray, k: int = 2) -> float:
     """
     a = np.sort(np.asarray(evidence, dtype=np.float64))[-k:]
     a0 = a.sum()
-    au = float(-np.sum((a / a0) * (digamma(a + 1.0) - digamma(a0 + 1.0))))
+    au = float(-np.sum((a / a0) * (_digamma(a + 1.0) - _digamma(np.array([a0 + 1.0])))))
     eu = k / (np.maximum(a, 0.0).sum() + k)
     return float(eu / au)
 

@@ -31,7 +31,10 @@ class ScoreStats:
     seconds: dict[str, float] = field(default_factory=dict)  # strategy -> wall s (reference); "all" for fast
     prefix_tokens: int = 0  # shared prefix prefilled once (fast)
     forward_calls: int = 0  # model calls after the prefix (fast): the sequential steps
-    model_seconds: float = 0.0  # wall time inside those calls (fast); the rest is host-side work
+    model_seconds: float = 0.0  # wall time inside those calls and the lm_head (fast)
+    reduce_seconds: float = 0.0  # reducing the kept rows on the device, copying the summaries (fast)
+    bytes_to_host: int = 0  # what those copies moved (fast)
+    nodes: int = 0  # node summaries computed (fast)
 
 
 def check_engine(lm: LoadedModel, opts: EngineOptions) -> None:
@@ -105,7 +108,7 @@ def score(
     p = common_prefix_len(prompts)
     if max_prefix is not None:
         p = min(p, max_prefix)
-    backend = TreeBackend(lm.model, lm.device, prompts[0][:p] if prompts else (), max_fwd)
+    backend = TreeBackend(lm.model, lm.device, prompts[0][:p] if prompts else (), max_fwd, name=lm.name)
     stats.prefix_tokens = p
     for start in range(0, len(queries), batch):
         chunk = queries[start : start + batch]
@@ -121,4 +124,7 @@ def score(
     stats.seconds["all"] = time.perf_counter() - t0
     stats.forward_calls = backend.calls
     stats.model_seconds = backend.model_seconds
+    stats.reduce_seconds = backend.reduce_seconds
+    stats.bytes_to_host = backend.bytes_to_host
+    stats.nodes = backend.rows_reduced
     return outs, stats

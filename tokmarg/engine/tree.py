@@ -1,32 +1,34 @@
-"""Tree attention over one packed KV cache (the fast engine's backend).
+"""The fast engine's backend: tree attention over a shared prefix, node summaries on the device.
 
-Layout of the cache (batch dimension 1):
-
-    [ shared prefix (P tokens, prefilled once per model) | batch tokens appended in order ]
-
-A batch token is a sample's prompt-suffix token or a continuation node. It attends to the
-prefix plus its own *visible set*: its sample's suffix tokens up to itself, then its own
-ancestors and itself, never another sample's tokens. Its position id is its depth in its
-own sequence (prompt length + continuation depth), so each node computes exactly what a
-full forward of prompt + path would. After the batch the cache is cropped back to P.
+Per model the prompt prefix every sample shares is prefilled once. Per batch each sample's own
+tokens (the rest of its prompt, then every continuation node the programs ask for, each
+forwarded once) are stored per sample and attend only within it (see
+:mod:`tokmarg.engine.attention`); a node's position id is its depth in its own sequence
+(prompt length + continuation depth), so it computes exactly what a full forward of prompt +
+path would. A node's final hidden state is kept; when a program asks for the node, its logits
+come from the lm_head in float32 and are reduced on the same device
+(:func:`tokmarg.nodestats.reduce_rows`): only the summaries cross to the host.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from tokmarg.engine.scheduler import Node
+from tokmarg.engine import EngineError
+from tokmarg.engine.attention import KWARG, NAME, TreeAttentionError, TreeKV, register
+from tokmarg.engine.scheduler import Node, merged_needs
+from tokmarg.nodestats import Need, NodeStats, RowSpec, reduce_rows
 
 
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The attention window of a sliding-window model (Mistral v0.1, Gemma 2/3, ...), else None.
 
-    The packed cache holds a whole batch, so it outgrows any window; the fast engine runs such
-    a model only while every sequence fits the window (see ``check_window``)."""
+    The tree attention attends over whole sequences, so the fast engine runs such a model only
+    while every sequence fits the window (see ``check_window``)."""
     cfg = model.config
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
@@ -48,137 +50,299 @@ def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return max(0, n)
 
 
-@dataclass
-class _Pending:
-    key: Node | None  # None for a suffix token whose logits nobody needs
-    sample: int
-    token: int
-    position: int
-    chain: bool  # a prompt-suffix token: sees its sample's earlier suffix tokens
+class Fp32Head:
+    """The model's output layer in float32 (a bf16 model's logits would be rounded to 8 bits of
+    mantissa), with its final logit soft-capping where the config has one."""
+
+    def __init__(self, model: torch.nn.Module):
+        head = model.get_output_embeddings()
+        self.weight = head.weight.detach().float()  # the same tensor when already float32
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach().float()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.device = self.weight.device
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Fp32Head:
+        """The model's head, made once per weight tensor (a float32 copy of a bf16 8B model's head
+        is 2 GB: one per model, not per batch)."""
+        w = model.get_output_embeddings().weight
+        have = getattr(model, "_tokmarg_head", None)
+        if have is None or have[0] != (w.data_ptr(), w.dtype, w.device):
+            have = ((w.data_ptr(), w.dtype, w.device), cls(model))
+            model._tokmarg_head = have
+        return have[1]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, hidden) -> (n, vocab) float32 on the head's device."""
+        logits = torch.nn.functional.linear(hidden.to(self.device, torch.float32), self.weight, self.bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def prepare(model: torch.nn.Module, name: str) -> str:
+    """Switch the model to the tree attention (once) and check, on a probe, that the fast path
+    gives the model's own logits; returns the implementation it had. Refuses in one line."""
+    previous = getattr(model, "_tokmarg_previous_attn", None)
+    if previous is not None:
+        return previous
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        raise EngineError(
+            f"model {name!r} ({type(model).__name__}) does not use transformers' attention interface, which the "
+            "fast engine's tree attention needs: use --engine reference"
+        )
+    previous = model.config._attn_implementation
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probe = tuple(vocab // 3 + 7 * k for k in range(6))  # ordinary tokens: a prefix of 4, an own token, a child
+    with torch.inference_mode():
+        x = torch.tensor([probe], device=model.get_input_embeddings().weight.device)
+        want = model(input_ids=x).logits[0, -2:].float()  # the model's own, with its own attention
+    register()
+    model.set_attn_implementation(NAME)
+    try:
+        got = _probe_logits(model, probe)
+    except TreeAttentionError as e:
+        model.set_attn_implementation(previous)
+        raise EngineError(f"model {name!r}: {e}; use --engine reference") from None
+    tol = 1e-3 + (1e-4 if model.dtype == torch.float32 else 2e-2) * float(want.abs().max())
+    diff = float((got.to(want.device) - want).abs().max())
+    if not diff <= tol:
+        model.set_attn_implementation(previous)
+        raise EngineError(
+            f"model {name!r}: the fast engine's logits differ from the model's own by {diff:.3g} on a probe "
+            "(an attention or output layer it does not reproduce): use --engine reference"
+        )
+    model._tokmarg_previous_attn = previous
+    return previous
+
+
+def _probe_logits(model: torch.nn.Module, probe: tuple[int, ...]) -> torch.Tensor:
+    backend = TreeBackend(model, model.get_input_embeddings().weight.device, probe[:4], prepared=True)
+    backend.begin([probe[:5]], None)
+    try:
+        backend._forward_nodes([(0, (probe[5],))])
+        rows = [backend._rows[(0, ())], backend._rows[(0, (probe[5],))]]
+        with torch.inference_mode():
+            return backend.head(backend._hidden[rows])
+    finally:
+        backend.end()
 
 
 class TreeBackend:
     """Forwards continuation nodes of many samples per call; each node exactly once."""
 
     def __init__(
-        self, model: torch.nn.Module, device: torch.device, prefix: Sequence[int], max_forward_tokens: int = 1024
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        prefix: Sequence[int],
+        max_forward_tokens: int = 1024,
+        *,
+        name: str = "model",
+        prepared: bool = False,
     ):
-        from transformers import DynamicCache
-
+        if not prepared:
+            prepare(model, name)
         self.model, self.device, self.max_forward = model, device, max(1, max_forward_tokens)
-        self.dtype = next(model.parameters()).dtype
-        self.cache = DynamicCache()  # every layer keeps the whole packed cache (see sliding_window)
+        self.decoder = model.get_decoder()
+        self.head = Fp32Head.of(model)
+        self.kv = TreeKV()
         self.prefix = tuple(prefix)
         self.P = len(self.prefix)
         self.calls = 0  # model forward calls after the prefix (each a sequential step on a GPU)
-        self.model_seconds = 0.0  # wall time in those calls, logits on the host included
+        self.model_seconds = 0.0  # wall time in the model: its layers and the lm_head
+        self.reduce_seconds = 0.0  # reducing rows on the device and copying the summaries
+        self.bytes_to_host = 0
+        self.rows_reduced = 0  # node summaries computed
+        self.record: dict[Node, NodeStats] | None = None  # set it to keep every summary (checks)
         if self.P:
-            with torch.inference_mode():
-                ids = torch.tensor([self.prefix], device=device)
-                model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self._run(np.array(self.prefix), np.arange(self.P))
+        self.kv.end_batch()
         self._reset()
 
     def _reset(self) -> None:
-        self.n = self.P  # cache length
-        self._index: dict[Node, int] = {}  # node -> its cache index
-        self._visible: dict[Node, list[int]] = {}  # node -> cache indices it sees (beyond the prefix)
-        self._logits: dict[Node, torch.Tensor] = {}
+        self._spec: RowSpec | None = None
         self._plen: list[int] = []
-        self._chain_vis: dict[int, list[int]] = {}  # sample -> cache indices of its suffix so far
+        self._suffix = np.zeros(0, dtype=np.int64)  # (B,) own slots of each prompt suffix
+        self._used = np.zeros(0, dtype=np.int64)  # (B,) own slots used
+        self._anc = np.zeros((0, 0, 0), dtype=np.int64)  # (B, C, D) tree ancestors of each own slot
+        self._slot: dict[Node, int] = {}
+        self._rows: dict[Node, int] = {}  # node -> row of its final hidden state
+        self._hidden = torch.zeros(0)
+        self._stats: dict[Node, tuple[Need, NodeStats]] = {}
 
     # ------------------------------------------------------------ batch lifecycle
 
-    def begin(self, prompts: Sequence[tuple[int, ...]]) -> list[int]:
+    def begin(self, prompts: Sequence[tuple[int, ...]], spec: RowSpec | None) -> list[int]:
         assert not self._plen, "begin() called twice without end()"
-        pending: list[_Pending] = []
         for i, prompt in enumerate(prompts):
             if tuple(prompt[: self.P]) != self.prefix or len(prompt) <= self.P:
                 raise ValueError(f"prompt {i} does not extend the shared prefix")
-            self._plen.append(len(prompt))
-            suffix = prompt[self.P :]
-            for k, tok in enumerate(suffix):  # a causal chain; only the last token's logits are kept
-                key = (i, ()) if k == len(suffix) - 1 else None
-                pending.append(_Pending(key, i, tok, self.P + k, chain=True))
-        self._forward(pending)
-        return [len(p) - self.P for p in prompts]
+        self._spec = spec
+        self._plen = [len(p) for p in prompts]
+        self._suffix = np.array([n - self.P for n in self._plen], dtype=np.int64)
+        self._used = self._suffix.copy()
+        cap = int(self._suffix.max()) + 64
+        self._anc = np.full((len(prompts), cap, 16), -1, dtype=np.int64)
+        self.kv.start_batch(len(prompts), cap)
+        sample = np.concatenate([np.full(n, i) for i, n in enumerate(self._suffix)])
+        slot = np.concatenate([np.arange(n) for n in self._suffix])
+        tokens = np.concatenate([np.array(p[self.P :]) for p in prompts])
+        for start in range(0, len(tokens), self.max_forward):  # causal chains; a root node's state is its last token's
+            sl = slice(start, start + self.max_forward)
+            s, k = sample[sl], slot[sl]
+            keep = [(int(r), (int(s[r]), ())) for r in np.flatnonzero(k == self._suffix[s] - 1).tolist()]
+            self._run(tokens[sl], self.P + k, (s, k, k + 1, None), keep)
+        return self._suffix.tolist()
 
     def release(self, sample: int) -> None:
-        """A sample's programs are done: drop its logits (its KV stays until ``end``)."""
-        for key in [k for k in self._logits if k[0] == sample]:
-            del self._logits[key]
+        """A sample's programs are done: drop its summaries (its K/V stay until ``end``)."""
+        for key in [k for k in self._stats if k[0] == sample]:
+            del self._stats[key]
 
     def end(self) -> None:
-        extra = self.cache.get_seq_length() - self.P
-        if extra > 0:
-            self.cache.crop(-extra)
+        self.kv.end_batch()
         self._reset()
 
     # ------------------------------------------------------------ requests
 
-    def logits(self, requests: Sequence[Sequence[Node]]) -> tuple[dict[Node, torch.Tensor], list[int]]:
-        pending: list[_Pending] = []
+    def stats(self, requests: Sequence[Sequence[tuple[Node, Need]]]) -> tuple[dict[Node, NodeStats], list[int]]:
+        missing: list[Node] = []
         planned: set[Node] = set()
         new = []
         for group in requests:
             count = 0
-            for i, path in group:
-                for d in range(1, len(path) + 1):  # ancestors first, so a parent precedes its child
-                    key = (i, path[:d])
-                    if key in self._index or key in planned:
-                        continue
-                    planned.add(key)
-                    pending.append(_Pending(key, i, path[d - 1], self._plen[i] + d - 1, chain=False))
-                    count += 1
+            for node, _ in group:
+                i, path = node
+                chain = []
+                while path and (i, path) not in self._slot and (i, path) not in planned:
+                    chain.append((i, path))  # walk up only while the ancestors are missing
+                    path = path[:-1]
+                planned.update(chain)
+                missing += chain
+                count += len(chain)
             new.append(count)
-        pending.sort(key=lambda p: len(p.key[1]))  # type: ignore[index]  # by depth
-        self._forward(pending)
-        return self._logits, new
+        if missing:
+            self._forward_nodes(missing)
+        todo = []
+        for node, need in merged_needs(requests).items():
+            have = self._stats.get(node)
+            if have is None or not have[0].covers(need):
+                todo.append((node, need if have is None else have[0] | need))
+        if todo:
+            self._summarise(todo)
+        return {node: st for node, (_, st) in self._stats.items()}, new
 
-    # ------------------------------------------------------------ the forward
+    def _forward_nodes(self, nodes: list[Node]) -> None:
+        """Forward tree nodes (any order; parents are placed first), in chunks."""
+        nodes.sort(key=lambda n: len(n[1]))
+        sample = np.array([i for i, _ in nodes], dtype=np.int64)
+        depth = np.array([len(p) for _, p in nodes], dtype=np.int64)
+        slot = np.empty(len(nodes), dtype=np.int64)
+        for j, i in enumerate(sample.tolist()):  # own slots in forward order
+            slot[j] = self._used[i]
+            self._used[i] += 1
+        self._grow(int(self._used.max()), int(depth.max()))
+        for j, node in enumerate(nodes):
+            self._slot[node] = int(slot[j])
+        parent = np.array([self._slot[(i, p[:-1])] if len(p) > 1 else -1 for i, p in nodes], dtype=np.int64)
+        anc = np.full((len(nodes), self._anc.shape[2]), -1, dtype=np.int64)
+        for d in np.unique(depth).tolist():  # level by level: a parent's row is set before its children's
+            at = np.flatnonzero(depth == d)
+            if d > 1:
+                anc[at] = self._anc[sample[at], parent[at]]
+            anc[at, d - 1] = slot[at]
+            self._anc[sample[at], slot[at]] = anc[at]
+        tokens = np.array([p[-1] for _, p in nodes], dtype=np.int64)
+        position = np.array(self._plen, dtype=np.int64)[sample] + depth - 1
+        sees = self._suffix[sample]
+        for start in range(0, len(nodes), self.max_forward):
+            sl = slice(start, start + self.max_forward)
+            keep = list(enumerate(nodes[sl]))
+            self._run(tokens[sl], position[sl], (sample[sl], slot[sl], sees[sl], anc[sl]), keep)
+
+    def _grow(self, slots: int, depth: int) -> None:
+        b, cap, d = self._anc.shape
+        if slots <= cap and depth <= d:
+            return
+        cap2, d2 = max(cap, 2 * cap if slots > cap else cap, slots), max(d, 2 * d if depth > d else d, depth)
+        grown = np.full((b, cap2, d2), -1, dtype=np.int64)
+        grown[:, :cap, :d] = self._anc
+        self._anc = grown
+        self.kv.capacity = max(self.kv.capacity, cap2)
+
+    # ------------------------------------------------------------ the model and the reduction
 
     @torch.inference_mode()
-    def _forward(self, pending: list[_Pending]) -> None:
-        for start in range(0, len(pending), self.max_forward):  # bounded work per call
-            self._forward_chunk(pending[start : start + self.max_forward])
-
-    def _forward_chunk(self, chunk: list[_Pending]) -> None:
-        self.calls += 1
-        q = len(chunk)
-        rows: list[list[int]] = []  # per token: cache indices it may see beyond the prefix
-        for k, item in enumerate(chunk):
-            own = self.n + k
-            if item.chain:
-                vis = self._chain_vis.setdefault(item.sample, [])
-                vis.append(own)
-                row = list(vis)
-            else:
-                i, path = item.key  # type: ignore[misc]
-                row = [*self._visible[(i, path[:-1])], own]
-            rows.append(row)
-            if item.key is not None:
-                self._visible[item.key] = row
-                self._index[item.key] = own
-        kv = self.n + q
-        mask = torch.full((q, kv), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)  # (q, kv)
-        mask[:, : self.P] = 0
-        r = torch.tensor([k for k, row in enumerate(rows) for _ in row], device=self.device)
-        c = torch.tensor([j for row in rows for j in row], device=self.device)
-        mask[r, c] = 0
-        keep = [k for k, p in enumerate(chunk) if p.key is not None]
-        if not keep:
-            keep = [q - 1]  # the model needs at least one row of logits
+    def _run(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+        keep: Sequence[tuple[int, Node]] = (),
+    ) -> None:
+        """One forward of ``tokens`` at ``positions``. ``plan``: (sample, own slot, sees_upto,
+        ancestors) per token (None: the shared prefix); ``keep``: (row, node) whose final hidden
+        state to keep."""
+        dev = self.device
+        if plan is not None:
+            sample, slot, sees, anc = plan
+            if anc is None:
+                anc = np.full((len(tokens), 1), -1, dtype=np.int64)
+            self.kv.set_plan(sample, slot, sees, anc, self.kv.capacity)
+            self.calls += 1
         t0 = time.perf_counter()
-        out = self.model(
-            input_ids=torch.tensor([[p.token for p in chunk]], device=self.device),  # (1, q)
-            position_ids=torch.tensor([[p.position for p in chunk]], device=self.device),  # (1, q)
-            attention_mask=mask[None, None],  # (1, 1, q, kv) additive
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=torch.tensor(keep, device=self.device),
+        out = self.decoder(
+            input_ids=torch.as_tensor(tokens, device=dev)[None],  # (1, q)
+            position_ids=torch.as_tensor(positions, device=dev)[None],  # (1, q)
+            attention_mask=_NO_MASK.to(dev),  # a 4D mask: transformers builds none
+            use_cache=False,
+            **{KWARG: self.kv},
         )
-        logits = out.logits[0].float().cpu()  # (len(keep), vocab) float32; waits for the device
+        if keep:
+            hidden = out.last_hidden_state[0]  # (q, hidden)
+            rows = torch.as_tensor([r for r, _ in keep], device=hidden.device)
+            self._store_hidden([node for _, node in keep], hidden[rows])
+        if hidden_device(out).type == "cuda":
+            torch.cuda.synchronize()
         self.model_seconds += time.perf_counter() - t0
-        for row_logits, k in zip(logits, keep):
-            if chunk[k].key is not None:
-                self._logits[chunk[k].key] = row_logits  # type: ignore[index]
-        self.n = kv
+
+    def _store_hidden(self, nodes: list[Node], rows: torch.Tensor) -> None:
+        n = len(self._rows)
+        if self._hidden.shape[0] < n + len(nodes):
+            grown = rows.new_empty((max(2 * self._hidden.shape[0], n + len(nodes), 64), rows.shape[1]))
+            if n:
+                grown[:n] = self._hidden[:n]
+            self._hidden = grown
+        self._hidden[n : n + len(nodes)] = rows
+        for j, node in enumerate(nodes):
+            self._rows[node] = n + j
+
+    def _summarise(self, todo: list[tuple[Node, Need]]) -> None:
+        """Logits of the nodes from their hidden states (float32 lm_head), reduced on the device."""
+        chunk = 256 if self.head.device.type == "cuda" else 16
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logits = self.head(self._hidden[[self._rows[node] for node, _ in part]])  # (n, vocab)
+                if logits.device.type == "cuda":
+                    torch.cuda.synchronize(logits.device)
+                t1 = time.perf_counter()
+                got, nbytes = reduce_rows(logits, [need for _, need in part], self._spec)  # type: ignore[arg-type]
+            self.model_seconds += t1 - t0
+            self.reduce_seconds += time.perf_counter() - t1
+            self.bytes_to_host += nbytes
+            self.rows_reduced += len(part)
+            for (node, need), st in zip(part, got):
+                self._stats[node] = (need, st)
+                if self.record is not None:
+                    self.record[node] = st
+
+
+def hidden_device(out: object) -> torch.device:
+    return out.last_hidden_state.device  # type: ignore[attr-defined]
+
+
+_NO_MASK = torch.zeros((1, 1, 1, 1), dtype=torch.bool)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tokmarg.probability import boundary_mask
@@ -120,7 +121,7 @@ class LoadedModel:
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         """Full forward of one sequence; next-token raw logits (vocab,) float32 on CPU."""
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
-        return self.model(input_ids=x).logits[0, -1].float().cpu()
+        return self.model(input_ids=x, logits_to_keep=1).logits[0, -1].float().cpu()
 
 
 def load_model(
@@ -183,22 +184,32 @@ def token_info(tok: object, eos_ids: frozenset[int], vocab_size: int) -> TokenIn
 
     A token's text is ``decode([anchor, t])`` minus ``decode([anchor])``: this keeps the
     leading space of SentencePiece ``▁S`` tokens that a lone ``decode([t])`` would strip.
+    A token is *unstable* (text after it may not simply append) when its bytes are not whole
+    UTF-8 characters (it decodes to U+FFFD), or when it ends with a space and the tokenizer's
+    clean-up rules would remove spaces (``x ,`` -> ``x,``).
     """
     anchor = tok.convert_tokens_to_ids(tok.tokenize("a"))[-1]  # type: ignore[attr-defined]
     a_text = tok.decode([anchor])  # type: ignore[attr-defined]
     ids = list(range(vocab_size))
-    pairs = tok.batch_decode([[anchor, i] for i in ids])  # type: ignore[attr-defined]
+    pairs = tok.batch_decode([[anchor, i] for i in ids])  # type: ignore[attr-defined]  # special tokens kept
     alone = tok.batch_decode([[i] for i in ids])  # type: ignore[attr-defined]
     special_ids = set(getattr(tok, "all_special_ids", [])) | set(eos_ids)
-    texts = tuple(
-        "" if i in special_ids else p[len(a_text) :] if p.startswith(a_text) else p for i, p in zip(ids, pairs)
-    )
+    literal = tuple(p[len(a_text) :] if p.startswith(a_text) else p for p in pairs)
+    texts = tuple("" if i in special_ids else t for i, t in zip(ids, literal))
     special = [i in special_ids for i in ids]
+    probe = "a ,"
+    cleans = tok.decode(tok.encode(probe, add_special_tokens=False)) != probe  # type: ignore[attr-defined]
+    unstable = np.array(
+        [
+            "\ufffd" in a or "\ufffd" in t or (cleans and t.endswith(" ")) for a, t in zip(alone, literal)
+        ],
+        dtype=bool,
+    )
 
     def decode(seq: Sequence[int], skip_special: bool) -> str:
         return tok.decode(list(seq), skip_special_tokens=skip_special)  # type: ignore[attr-defined]
 
-    return TokenInfo(texts, tuple(alone), eos_ids, boundary_mask(texts, special), decode)
+    return TokenInfo(texts, tuple(alone), eos_ids, boundary_mask(texts, special), decode, literal, unstable)
 
 
 def common_prefix(codes: Sequence[str]) -> str:
@@ -230,5 +241,8 @@ def model_tokens(tok: object, codes: Sequence[str], name: str) -> ModelTokens:
 
 
 def model_view(lm: LoadedModel, codes: Sequence[str]) -> tuple[TokenInfo, ModelTokens]:
+    """The model's token facts, with the label matcher's tables built (~1 s at a 128k vocabulary)."""
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    return token_info(lm.tokenizer, _eos_ids(lm), vocab), model_tokens(lm.tokenizer, codes, lm.name)
+    info = token_info(lm.tokenizer, _eos_ids(lm), vocab)
+    info.matcher(("unsafe", *codes)).warm()
+    return info, model_tokens(lm.tokenizer, codes, lm.name)

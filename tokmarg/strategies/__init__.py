@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 
 import numpy as np
-import torch
 
+from tokmarg.nodestats import NodeStats
 from tokmarg.probability import (
     code_softmax,
     entropy_uncertainty,
@@ -37,7 +37,7 @@ from tokmarg.strategies.base import (
     get_strategy,
     register,
 )
-from tokmarg.strategies.programs import Path
+from tokmarg.strategies.programs import Request
 
 __all__ = [
     "REGISTRY",
@@ -56,13 +56,14 @@ __all__ = [
 ]
 
 
-Out = Generator[list[Path], list[torch.Tensor], SampleOutput]
+Out = Generator[list[Request], list[NodeStats], SampleOutput]
 
 
-def _greedy(ctx: Context) -> Generator[list[Path], list[torch.Tensor], tuple[str, dict, dict]]:
+def _greedy(ctx: Context) -> Generator[list[Request], list[NodeStats], tuple[str, dict, dict]]:
     q, sp = ctx.query, ctx.params
     if ctx.semantics == "paper":
-        return (yield from prog.greedy_scores_paper(ctx.info, q.prompt_ids, q.labels, sp.max_new_tokens))
+        m = ctx.label_matcher()
+        return (yield from prog.greedy_scores_paper(ctx.info, m, q.prompt_ids, q.labels, sp.max_new_tokens))
     path = yield from prog.greedy_path(ctx.info, sp.max_new_tokens)
     return prog.greedy_scores_exact(ctx.info, path, q.labels)
 
@@ -95,9 +96,9 @@ def any_place(ctx: Context) -> Out:
     """Probability that each label occurs anywhere, summed over a pruned continuation tree."""
     q = ctx.query
     if ctx.semantics == "paper":
-        tree = yield from prog.any_place_paper(ctx.info, q.prompt_ids, q.labels, ctx.params)
+        tree = yield from prog.any_place_paper(ctx.info, ctx.label_matcher(), q.prompt_ids, q.labels, ctx.params)
         return SampleOutput(tree.scores, extra={"tree_nodes": tree.nodes})
-    tree = yield from prog.any_place_exact(ctx.info, q.labels, ctx.params)
+    tree = yield from prog.any_place_exact(ctx.info, ctx.label_matcher(), q.labels, ctx.params)
     return SampleOutput(
         tree.scores,
         unexplored_mass=tree.unexplored,
@@ -114,8 +115,8 @@ def _forced(ctx: Context, u_fn: Callable[[np.ndarray], float]) -> Out:
         gate = (yield from prog.verdict_paper(ctx.tokens)) if q.gate else None
         scores = None  # the reference stores no scores for these baselines
     else:
-        ev = np.array((yield from prog.forced_evidence_exact(ctx.info, ctx.tokens, codes)))
-        gate = (yield from prog.verdict_exact(ctx.info, ctx.tokens)) if q.gate else None
+        ev = np.array((yield from prog.forced_evidence_exact(ctx.tokens, codes)))
+        gate = (yield from prog.verdict_exact(ctx.tokens)) if q.gate else None
         probs = code_softmax(ev)
         scores = {c: float(p) for c, p in zip(codes, probs)}
         if gate is not None:  # P(code) = P(unsafe) x P(code | unsafe)

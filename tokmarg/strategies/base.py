@@ -11,7 +11,12 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
+
+from tokmarg.matching import DecodeMatcher, TokenMatcher
+
+Matcher = DecodeMatcher | TokenMatcher
 
 SEMANTICS = ("exact", "paper")
 
@@ -26,8 +31,11 @@ class TokenInfo:
     """Tokenizer facts the strategies need, precomputed once per model.
 
     ``token_texts[i]``: the text token ``i`` adds when it follows other text ('' for special
-    tokens); ``standalone[i]``: ``decode([i])`` (the paper's nucleus keys); ``boundary``
-    (vocab,) bool: the token does not continue a word; ``decode(ids, skip_special)``.
+    tokens); ``standalone[i]``: ``decode([i])`` (the paper's nucleus keys); ``literal[i]``: the
+    text it adds with special tokens kept (the `paper` text); ``boundary`` (vocab,) bool: the
+    token does not continue a word; ``unstable`` (vocab,) bool: text after the token may not
+    simply append (incomplete UTF-8 bytes, a space the tokenizer's clean-up may remove);
+    ``decode(ids, skip_special)``.
     """
 
     token_texts: tuple[str, ...]
@@ -35,6 +43,40 @@ class TokenInfo:
     eos_ids: frozenset[int]
     boundary: torch.Tensor
     decode: Callable[[Sequence[int], bool], str]
+    literal: tuple[str, ...] | None = None  # None: the same as token_texts
+    unstable: np.ndarray | None = None  # None: no token is unstable
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def matcher(self, labels: Sequence[str]) -> TokenMatcher:
+        """The table matcher for these labels (built once per label set)."""
+        key = ("matcher", tuple(labels))
+        if key not in self._cache:
+            n = len(self.token_texts)
+            special = [not t and bool(s) for t, s in zip(self.token_texts, self.standalone)]
+            first = tuple("" if sp else s for s, sp in zip(self.standalone, special))
+            literal = self.literal or tuple(
+                s if sp else t for t, s, sp in zip(self.token_texts, self.standalone, special)
+            )
+            unstable = np.zeros(n, dtype=bool) if self.unstable is None else self.unstable
+            self._cache[key] = TokenMatcher(labels, self.token_texts, first, literal, unstable, self.decode)
+        return self._cache[key]
+
+    @property
+    def boundary_np(self) -> np.ndarray:
+        if "boundary" not in self._cache:
+            self._cache["boundary"] = self.boundary.numpy().astype(bool)
+        return self._cache["boundary"]
+
+    @property
+    def collapse_group(self) -> np.ndarray:
+        """(vocab,) int64: the lowest id with the same ``standalone`` string (the paper's nucleus
+        collapses tokens that decode alike), and whether any token shares its string."""
+        if "group" not in self._cache:
+            first: dict[str, int] = {}
+            group = np.array([first.setdefault(s, i) for i, s in enumerate(self.standalone)], dtype=np.int64)
+            shared = np.bincount(group, minlength=len(group))[group] > 1
+            self._cache["group"] = (group, shared)
+        return self._cache["group"]
 
 
 @dataclass(frozen=True)
@@ -103,16 +145,22 @@ class Strategy:
 
     name: str
     kind: str
-    program: Callable[[Context], Generator[list[tuple[int, ...]], list[torch.Tensor], SampleOutput]]
+    program: Callable[[Context], Generator[list, list, SampleOutput]]
     doc: str
 
     def run(self, ctx: Context) -> SampleOutput:
-        """One sample on the reference engine: a full forward of ``ctx.lm`` per request."""
+        """One sample on the reference engine: a full forward of ``ctx.lm`` per request, the
+        full row reduced on the host, labels matched by decoding."""
+        from dataclasses import replace
+
+        from tokmarg.matching import DecodeMatcher
+        from tokmarg.strategies.programs import row_spec
         from tokmarg.strategies.reference import drive
 
         if ctx.lm is None:
             raise ValueError("Strategy.run needs ctx.lm (a full-sequence forward)")
-        return drive(self.program(ctx), ctx.lm, ctx.query.prompt_ids)
+        ctx = replace(ctx, matcher=DecodeMatcher(ctx.query.labels, ctx.info.decode))
+        return drive(self.program(ctx), ctx.lm, ctx.query.prompt_ids, row_spec(ctx.info, ctx.tokens))
 
 
 @dataclass
@@ -123,10 +171,14 @@ class Context:
     query: Query
     params: StrategyParams
     semantics: str
+    matcher: Matcher | None = None  # None: the token-id tables of ``info`` (the fast engines)
+
+    def label_matcher(self) -> Matcher:
+        return self.matcher if self.matcher is not None else self.info.matcher(self.query.labels)
 
 
 REGISTRY: dict[str, Strategy] = {}
-ProgramFn = Callable[[Context], Generator[list[tuple[int, ...]], list[torch.Tensor], SampleOutput]]
+ProgramFn = Callable[[Context], Generator[list, list, SampleOutput]]
 
 
 def register(name: str, kind: str) -> Callable[[ProgramFn], ProgramFn]:

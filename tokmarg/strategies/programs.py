@@ -1,38 +1,44 @@
 """The strategies' algorithms as engine-agnostic *programs*.
 
-A program is a generator: it yields a list of continuations (token-id tuples after the
-prompt) whose next-token logits it needs, receives the list of (vocab,) float32 logits in
-the same order, and finally returns its result. The reference engine answers each request
-with a full forward of prompt + continuation; the fast engine answers the requests of many
-samples and strategies at once from one cache, forwarding each distinct node once. The
-arithmetic lives here only, so both engines compute the same thing.
+A program is a generator: it yields a list of requests ``(path, need)`` (a continuation after
+the prompt, and what it needs from the next-token distribution there: see
+:class:`~tokmarg.nodestats.Need`), receives one :class:`~tokmarg.nodestats.NodeStats` per
+request in the same order, and finally returns its result. The reference engine answers each
+request with a full forward of prompt + path and reduces the full row on the host; the fast
+engine answers the requests of many samples and strategies at once from one cache, forwarding
+each distinct node once and reducing on the device. Label matching goes through the context's
+matcher (decoding on the reference engine, token-id tables on the fast one). The arithmetic
+lives here only, so both engines compute the same thing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from tokmarg.probability import char_to_token, first_occurrence, label_state, nucleus, nucleus_paper, softmax32
+from tokmarg.nodestats import EXACT, GREEDY, PAPER, WATCH, Need, NodeStats, RowSpec
+from tokmarg.probability import char_to_token, first_occurrence
 from tokmarg.strategies.base import ModelTokens, StrategyParams, TokenInfo
 
 Path = tuple[int, ...]
-Program = Generator[list[Path], list[torch.Tensor], object]
+Request = tuple[Path, Need]
+Program = Generator[list[Request], list[NodeStats], object]
 
 
-def ask(path: Path) -> Generator[list[Path], list[torch.Tensor], torch.Tensor]:
-    """Request the logits after one continuation."""
-    (logits,) = yield [path]
-    return logits
+def ask(path: Path, need: Need) -> Generator[list[Request], list[NodeStats], NodeStats]:
+    """Request one node."""
+    (stats,) = yield [(path, need)]
+    return stats
 
 
-def ask_many(paths: Sequence[Path]) -> Generator[list[Path], list[torch.Tensor], dict[Path, torch.Tensor]]:
-    """Request several continuations in one round (deduplicated)."""
+def ask_many(paths: Sequence[Path], need: Need) -> Generator[list[Request], list[NodeStats], dict[Path, NodeStats]]:
+    """Request several nodes in one round (deduplicated)."""
     uniq = list(dict.fromkeys(paths))
-    got = yield uniq
+    got = yield [(p, need) for p in uniq]
     return dict(zip(uniq, got))
 
 
@@ -46,17 +52,16 @@ class GreedyPath:
     ended_by_eos: bool
 
 
-def greedy_path(info: TokenInfo, max_new_tokens: int) -> Generator[list[Path], list[torch.Tensor], GreedyPath]:
+def greedy_path(info: TokenInfo, max_new_tokens: int) -> Generator[list[Request], list[NodeStats], GreedyPath]:
     """Greedy continuation up to ``max_new_tokens`` tokens or EOS."""
     ids: list[int] = []
     probs: list[float] = []
     for _ in range(max_new_tokens):
-        p = softmax32((yield from ask(tuple(ids))))
-        tid = int(torch.argmax(p))
+        tid, p = (yield from ask(tuple(ids), GREEDY)).top1()
         if tid in info.eos_ids:
             return GreedyPath(tuple(ids), tuple(probs), True)
         ids.append(tid)
-        probs.append(float(p[tid]))
+        probs.append(p)
     return GreedyPath(tuple(ids), tuple(probs), False)
 
 
@@ -68,7 +73,8 @@ def greedy_scores_exact(
     A label's first occurrence (boundary rule, end of text is a boundary) spans tokens
     t_s..t_e; token_probability = prod p[t_s..t_e]; fixed_place = prod p[0..t_e].
     Example (SmolLM2): text ``unsafe\\nS14`` = ``uns``,``afe``,``\\n``,``S``,``1``,``4``:
-    S14 spans tokens 3..5; S1 does not occur (followed by the digit 4).
+    S14 spans tokens 3..5; S1 does not occur (followed by the digit 4). One decode per
+    prefix of the path, once per sample.
     """
     text = info.decode(path.ids, True)
     prefix_len = [len(info.decode(path.ids[: i + 1], True)) for i in range(len(path.ids))]
@@ -85,12 +91,12 @@ def greedy_scores_exact(
 
 
 def greedy_scores_paper(
-    info: TokenInfo, prompt: Sequence[int], labels: Sequence[str], max_new_tokens: int
-) -> Generator[list[Path], list[torch.Tensor], tuple[str, dict[str, float], dict[str, float]]]:
+    info: TokenInfo, matcher, prompt: Sequence[int], labels: Sequence[str], max_new_tokens: int
+) -> Generator[list[Request], list[NodeStats], tuple[str, dict[str, float], dict[str, float]]]:
     """`paper` greedy walk: (generated text, token_probability, fixed_place).
 
     After each greedy token the whole text (prompt + generation, special tokens kept) is
-    decoded; the first label in label order that it ends with gets p(token)
+    tested; the first label in label order that it ends with gets p(token)
     (token_probability) or the running product of matched steps (fixed_place). A later
     match overwrites. Example (SmolLM2, digit-split): ``S``,``1``,``4`` matches S1 at
     ``1`` and then S14 at ``4``, so both score.
@@ -99,18 +105,18 @@ def greedy_scores_paper(
     tok_prob: dict[str, float] = {}
     fixed: dict[str, float] = {}
     running = 1.0
+    state = matcher.paper_root(prompt)
     for _ in range(max_new_tokens):
-        p = softmax32((yield from ask(tuple(ids))))
-        tid = int(torch.argmax(p))
-        prob = float(p[tid])
+        tid, prob = (yield from ask(tuple(ids), GREEDY)).top1()
+        step = matcher.paper_children(state, prompt, ids, np.array([tid], dtype=np.int64))
+        state = int(step.states[0])
         ids.append(tid)
-        text = info.decode([*prompt, *ids], False)
-        for label in labels:
-            if text.endswith(label):
-                tok_prob[label] = prob
-                running *= prob
-                fixed[label] = running
-                break
+        hit = np.flatnonzero(step.ends[0])
+        if hit.size:
+            label = labels[int(hit[0])]
+            tok_prob[label] = prob
+            running *= prob
+            fixed[label] = running
         if tid in info.eos_ids:
             break
     gen = [t for t in ids if t not in info.eos_ids]
@@ -133,13 +139,32 @@ class _Node:
     path: Path
     c: float  # path probability
     depth: int
-    seen: frozenset[str] = field(default_factory=frozenset)  # labels already counted on this path
-    pending: frozenset[str] = field(default_factory=frozenset)  # labels ending at the end of this node's text
+    state: int = 0  # the matcher's state after the path
+    seen: np.ndarray | None = None  # (L,) bool: labels already counted on this path (exact)
+    pending: int = -1  # label ending at the end of this node's text, not yet seen (exact)
+
+
+class _ExactTally:
+    """Accumulators of the `exact` tree (float64), by label index."""
+
+    def __init__(self, n_labels: int):
+        self.scores = np.zeros(n_labels)
+        self.unexpl = np.zeros(n_labels)
+        self.unexplored = 0.0
+
+    def lose(self, c: float, node: _Node, nb_mass: float | None = None) -> None:
+        """``c``: mass left unexplored below this point; ``nb_mass``: of it, the part whose next
+        token continues a word (it matters only for the label pending at this node)."""
+        self.unexplored += c
+        add = np.where(node.seen, 0.0, c)  # type: ignore[arg-type]
+        if node.pending >= 0 and nb_mass is not None:
+            add[node.pending] = nb_mass
+        self.unexpl += add
 
 
 def any_place_exact(
-    info: TokenInfo, labels: Sequence[str], sp: StrategyParams
-) -> Generator[list[Path], list[torch.Tensor], TreeResult]:
+    info: TokenInfo, matcher, labels: Sequence[str], sp: StrategyParams
+) -> Generator[list[Request], list[NodeStats], TreeResult]:
     """`exact` marginal probability that each label occurs anywhere in the output.
 
     Same nodes as `paper` (nucleus children in order; eps; the two EOS sibling rules) but
@@ -149,114 +174,144 @@ def any_place_exact(
     ``4`` (0.6), ``,`` (0.3) or EOS (0.1): S1 = 1.0 x (0.3 + 0.1) = 0.4, S14 = 0.6.
     For every label: score + unexplored_by_label <= 1 and the true marginal lies in
     [score, score + unexplored_by_label]. Expanded level by level (sums do not depend on
-    the visiting order), so an engine can batch a whole level.
+    the visiting order), so an engine can batch a whole level; a node's children are handled
+    together (a child below eps is never forwarded: its mass is counted and lost at once).
     """
-    scores = dict.fromkeys(labels, 0.0)
-    unexpl = dict.fromkeys(labels, 0.0)
-    res = TreeResult(scores, 0.0, unexpl, 0)
-
-    def lose(c: float, node: _Node, nb_mass: float | None = None) -> None:
-        # c: mass left unexplored below this point; nb_mass: of it, the part whose next
-        # token continues a word (matters only for labels pending at this node).
-        res.unexplored += c
-        for label in labels:
-            if label not in node.seen:
-                unexpl[label] += nb_mass if (label in node.pending and nb_mass is not None) else c
-
-    frontier = [_Node((), 1.0, 0)]
+    tally = _ExactTally(len(labels))
+    need = Need(nuclei=((EXACT, sp.top_p),))
+    eos = np.array(sorted(info.eos_ids), dtype=np.int64)
+    root = _Node((), 1.0, 0, matcher.exact_root(), np.zeros(len(labels), dtype=bool))
+    frontier = [root] if root.c >= sp.eps else []
+    if not frontier:
+        tally.lose(root.c, root)
+    nodes = 0
     while frontier:
-        for n in frontier:
-            if n.c < sp.eps:
-                lose(n.c, n)
-        live = [n for n in frontier if n.c >= sp.eps]
-        if not live:
-            break
-        got = yield [n.path for n in live]
-        res.nodes += len(live)
-        frontier = []
-        for n, logits in zip(live, got):
-            probs = softmax32(logits)  # (vocab,)
-            b_mass = float(probs[info.boundary].sum())
-            for label in n.pending:  # the occurrence ends here when the next token is a boundary
-                scores[label] += n.c * b_mass
-            eos_mass = sum(float(probs[e]) for e in info.eos_ids)
-            if n.depth == sp.max_new_tokens:
-                lose(n.c * (1.0 - eos_mass), n, n.c * (1.0 - b_mass))
-                continue
-            kids = nucleus(probs, sp.top_p)
-            eos_in = any(t in info.eos_ids for t, _ in kids)
-            covered = covered_nb = 0.0
-            for i, (tid, q) in enumerate(kids):
-                if tid in info.eos_ids:  # a leaf: the path ends, nothing left to explore
-                    covered += q
-                    if q >= 0.7 or (eos_in and i == 2):
-                        break
-                    continue
-                if eos_in and i == 2:  # child 2 is not expanded when EOS is a candidate
+        got = yield [(n.path, need) for n in frontier]
+        nodes += len(frontier)
+        nxt: list[_Node] = []
+        for n, st in zip(frontier, got):
+            nxt += _expand_exact(n, st, info, matcher, sp, eos, tally)
+        frontier = nxt
+    return TreeResult(
+        dict(zip(labels, tally.scores.tolist())), tally.unexplored, dict(zip(labels, tally.unexpl.tolist())), nodes
+    )
+
+
+def _expand_exact(
+    n: _Node, st: NodeStats, info: TokenInfo, matcher, sp: StrategyParams, eos: np.ndarray, tally: _ExactTally
+) -> list[_Node]:
+    """One forwarded node: count what it confirms, return its children at or above eps."""
+    b_mass = st.boundary_mass
+    if n.pending >= 0:  # the occurrence ends here when the next token is a boundary
+        tally.scores[n.pending] += n.c * b_mass
+    if n.depth == sp.max_new_tokens:
+        tally.lose(n.c * (1.0 - st.eos_mass), n, n.c * (1.0 - b_mass))
+        return []
+    ids, q, eos_in = st.nucleus_of(EXACT, sp.top_p)
+    q = q.astype(np.float64)
+    is_eos = np.isin(ids, eos)
+    if eos_in:  # the sibling rules: children 0, 1 and an EOS child 2 at most
+        take = 0
+        for i in range(len(ids)):
+            if is_eos[i]:
+                take = i + 1
+                if q[i] >= 0.7 or i == 2:
                     break
-                child = (*n.path, tid)
-                is_b = bool(info.boundary[tid])
-                seen2 = n.seen | n.pending if is_b else n.seen
-                confirmed, pend = label_state(info.decode(child, True), labels)
-                new = confirmed - seen2
-                for label in new:
-                    scores[label] += n.c * q
-                seen3 = seen2 | new
-                frontier.append(_Node(child, n.c * q, n.depth + 1, seen3, pend - seen3))
-                covered += q
-                covered_nb += 0.0 if is_b else q
-            lose(n.c * max(0.0, 1.0 - covered), n, n.c * max(0.0, (1.0 - b_mass) - covered_nb))
-    return res
+                continue
+            if i == 2:
+                break
+            take = i + 1
+        ids, q, is_eos = ids[:take], q[:take], is_eos[:take]
+    covered = float(q.sum())
+    keep = ~is_eos  # an EOS child is a leaf: its mass is covered, nothing left to explore
+    ids, q = ids[keep], q[keep]
+    is_b = info.boundary_np[ids]
+    step = matcher.exact_children(n.state, n.path, ids)
+    seen2 = np.repeat(n.seen[None, :], len(ids), axis=0)  # type: ignore[index]
+    if n.pending >= 0:
+        seen2[is_b, n.pending] = True
+    new = step.confirmed & ~seen2  # (k, L)
+    c = n.c * q  # (k,) path probability of each child
+    tally.scores += c @ new
+    seen3 = seen2 | new
+    pend = step.pending.copy()
+    has = pend >= 0
+    pend[has] = np.where(seen3[np.flatnonzero(has), pend[has]], -1, pend[has])
+    low = c < sp.eps  # children never forwarded: all their mass is unexplored
+    if low.any():
+        tally.unexplored += float(c[low].sum())
+        tally.unexpl += c[low] @ ~seen3[low]
+    out = [
+        _Node((*n.path, int(ids[j])), float(c[j]), n.depth + 1, int(step.states[j]), seen3[j], int(pend[j]))
+        for j in np.flatnonzero(~low).tolist()
+    ]
+    covered_nb = float(q[~is_b].sum())
+    tally.lose(n.c * max(0.0, 1.0 - covered), n, n.c * max(0.0, (1.0 - b_mass) - covered_nb))
+    return out
+
+
+def _collapse(ids: np.ndarray, probs: np.ndarray, info: TokenInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's nucleus keyed by decoded string: tokens that decode alike become one entry
+    at the position of the first, with the probability and id of the last."""
+    group, shared = info.collapse_group
+    if not shared[ids].any():
+        return ids, probs
+    entries: dict[int, tuple[int, float]] = {}
+    for t, p in zip(ids.tolist(), probs.tolist()):
+        entries[int(group[t])] = (t, p)
+    out = list(entries.values())
+    return np.array([t for t, _ in out], dtype=np.int64), np.array([p for _, p in out], dtype=np.float32)
 
 
 def any_place_paper(
-    info: TokenInfo, prompt: Sequence[int], labels: Sequence[str], sp: StrategyParams
-) -> Generator[list[Path], list[torch.Tensor], TreeResult]:
+    info: TokenInfo, matcher, prompt: Sequence[int], labels: Sequence[str], sp: StrategyParams
+) -> Generator[list[Request], list[NodeStats], TreeResult]:
     """`paper` any-place tree, the reference DFS's arithmetic (SPEC §2.1), level by level.
 
-    A child's label mass c*p is added before any pruning check; the decoded text is the
-    whole prompt + path with special tokens; S1 matches inside S14 on a digit-splitting
+    A child's label mass c*p is added before any pruning check; the text is the whole
+    prompt + path with special tokens; S1 matches inside S14 on a digit-splitting
     tokenizer; a label can be counted on several nodes of one path, so scores can exceed 1.
     """
-    scores = dict.fromkeys(labels, 0.0)
-    res = TreeResult(scores, 0.0, {}, 0)
-    frontier = [_Node((), 1.0, 0)]
+    scores = np.zeros(len(labels))
+    need = Need(nuclei=((PAPER, sp.top_p),))
+    eos = np.array(sorted(info.eos_ids), dtype=np.int64)
+    frontier = [_Node((), 1.0, 0, matcher.paper_root(prompt))] if sp.eps <= 1.0 else []
+    nodes = 0
     while frontier:
-        live = [n for n in frontier if n.c >= sp.eps]
-        if not live:
-            break
-        got = yield [n.path for n in live]
-        res.nodes += len(live)
-        frontier = []
-        for n, logits in zip(live, got):
-            kids = nucleus_paper(softmax32(logits), sp.top_p, info.standalone)
-            eos_in = any(t in info.eos_ids for t, _ in kids)
-            for i, (tid, q) in enumerate(kids):
-                child = (*n.path, tid)
-                text = info.decode([*prompt, *child], False)
-                for label in labels:
-                    if text.endswith(label):
-                        scores[label] += n.c * q
-                is_eos = tid in info.eos_ids
-                if is_eos and q >= 0.7:
-                    break
-                if eos_in and i == 2:
-                    break
-                if n.depth == sp.max_new_tokens or is_eos:
-                    continue
-                frontier.append(_Node(child, n.c * q, n.depth + 1))
-    return res
+        got = yield [(n.path, need) for n in frontier]
+        nodes += len(frontier)
+        nxt: list[_Node] = []
+        for n, st in zip(frontier, got):
+            ids, q = _collapse(*st.nucleus_of(PAPER, sp.top_p)[:2], info)
+            q = q.astype(np.float64)
+            is_eos = np.isin(ids, eos)
+            take = len(ids)  # children counted: up to an EOS >= 0.7, or child 2 when EOS is a candidate
+            stop = np.flatnonzero((is_eos & (q >= 0.7)) | ((np.arange(take) == 2) & is_eos.any()))
+            if stop.size:
+                take = int(stop[0]) + 1
+            expand = ~is_eos[:take]
+            if stop.size:
+                expand[take - 1] = False  # the child that stops the siblings is counted, not expanded
+            ids, q = ids[:take], q[:take]
+            step = matcher.paper_children(n.state, prompt, n.path, ids)
+            scores += (n.c * q) @ step.ends
+            if n.depth == sp.max_new_tokens:
+                continue
+            for j in np.flatnonzero(expand).tolist():
+                c = n.c * float(q[j])
+                if c >= sp.eps:
+                    nxt.append(_Node((*n.path, int(ids[j])), c, n.depth + 1, int(step.states[j])))
+        frontier = nxt
+    return TreeResult(dict(zip(labels, scores.tolist())), 0.0, {}, nodes)
 
 
 # ---------------------------------------------------------------- forced prefix
 
 
-def _then_boundary(info: TokenInfo, start: Path, rest: Path, got: dict[Path, torch.Tensor]) -> float:
-    """log P(rest, then a boundary | start) from the logits after each step."""
-    total = 0.0
-    for i, tid in enumerate(rest):
-        total += float(torch.log_softmax(got[start + rest[:i]].float(), dim=-1)[tid])
-    b = float(softmax32(got[start + rest])[info.boundary].sum())
+def _then_boundary(start: Path, rest: Path, got: dict[Path, NodeStats]) -> float:
+    """log P(rest, then a boundary | start) from the stats after each step."""
+    total = sum(got[start + rest[:i]].logprob(tid) for i, tid in enumerate(rest))
+    b = got[start + rest].boundary_mass
     return total + (math.log(b) if b > 0 else -math.inf)
 
 
@@ -265,8 +320,8 @@ def _steps(start: Path, rest: Path) -> list[Path]:
 
 
 def forced_evidence_exact(
-    info: TokenInfo, tokens: ModelTokens, codes: Sequence[str]
-) -> Generator[list[Path], list[torch.Tensor], list[float]]:
+    tokens: ModelTokens, codes: Sequence[str]
+) -> Generator[list[Request], list[NodeStats], list[float]]:
     """Per-code evidence e = z + log P(code's remaining tokens, then a boundary | prefix).
 
     z is the log-sum-exp of the raw logits after the forced prefix, so a one-token code
@@ -274,33 +329,58 @@ def forced_evidence_exact(
     ``S``): S14 -> z + log p(``1``) + log p(``4`` | ``1``) + log P(boundary | ``14``).
     """
     start = tokens.forced_prefix
-    got = yield from ask_many([p for c in codes for p in _steps(start, tokens.code_rest[c])])
-    z = float(torch.logsumexp(got[start].float(), dim=-1))
-    return [z + _then_boundary(info, start, tokens.code_rest[c], got) for c in codes]
+    got = yield from ask_many([p for c in codes for p in _steps(start, tokens.code_rest[c])], WATCH)
+    z = got[start].lse
+    out = []
+    for c in codes:
+        rest = tokens.code_rest[c]
+        if not rest:  # the prefix is the code (no remaining token): e = z + log P(boundary)
+            out.append(z + _then_boundary(start, rest, got))
+            continue
+        # z + log p(first | prefix) is the first token's raw logit: add it as such (no z - z)
+        out.append(got[start].logit(rest[0]) + _then_boundary(start + rest[:1], rest[1:], got))
+    return out
 
 
 def forced_evidence_paper(
     tokens: ModelTokens, codes: Sequence[str]
-) -> Generator[list[Path], list[torch.Tensor], list[float]]:
+) -> Generator[list[Request], list[NodeStats], list[float]]:
     """The raw logit of ``encode(code)[1]`` after the forced prefix (S1 and S10..S14 share
     the id of ``1`` on a digit-splitting tokenizer, so they tie)."""
-    logits = yield from ask(tokens.forced_prefix)
-    return [float(logits[tokens.code_paper_id[c]]) for c in codes]
+    st = yield from ask(tokens.forced_prefix, WATCH)
+    return [st.logit(tokens.code_paper_id[c]) for c in codes]
 
 
-def verdict_exact(info: TokenInfo, tokens: ModelTokens) -> Generator[list[Path], list[torch.Tensor], float]:
+def verdict_exact(tokens: ModelTokens) -> Generator[list[Request], list[NodeStats], float]:
     """P(unsafe) / (P(unsafe) + P(safe)), each the full word followed by a boundary."""
     u, s = tokens.verdict_ids["unsafe"], tokens.verdict_ids["safe"]
-    got = yield from ask_many([*_steps((), u), *_steps((), s)])
-    lu, ls = _then_boundary(info, (), u, got), _then_boundary(info, (), s, got)
+    got = yield from ask_many([*_steps((), u), *_steps((), s)], WATCH)
+    lu, ls = _then_boundary((), u, got), _then_boundary((), s, got)
     if lu == ls == -math.inf:
         return 0.5
     m = max(lu, ls)
     return math.exp(lu - m) / (math.exp(lu - m) + math.exp(ls - m))
 
 
-def verdict_paper(tokens: ModelTokens) -> Generator[list[Path], list[torch.Tensor], float]:
+def verdict_paper(tokens: ModelTokens) -> Generator[list[Request], list[NodeStats], float]:
     """Softmax of the first-token logits of ``unsafe`` vs ``safe``; > 0.5 means unsafe."""
-    logits = (yield from ask(())).float()
-    pair = torch.stack([logits[tokens.verdict_first["unsafe"]], logits[tokens.verdict_first["safe"]]])
-    return float(torch.softmax(pair, dim=0)[0])
+    st = yield from ask((), WATCH)
+    pair = torch.tensor([st.logit(tokens.verdict_first["unsafe"]), st.logit(tokens.verdict_first["safe"])])
+    return float(torch.softmax(pair, dim=0)[0])  # float32, as the reference
+
+
+def watch_ids(tokens: ModelTokens) -> tuple[int, ...]:
+    """Every id whose raw logit the forced-prefix and verdict steps read."""
+    ids = {*tokens.code_paper_id.values(), *tokens.verdict_first.values()}
+    ids.update(t for rest in (*tokens.code_rest.values(), *tokens.verdict_ids.values()) for t in rest)
+    return tuple(sorted(ids))
+
+
+def row_spec(info: TokenInfo, tokens: ModelTokens) -> RowSpec:
+    """The reduction's per-model constants (made once per model view)."""
+    key = ("row_spec", id(tokens))
+    cached = info._cache.get(key)
+    if cached is None or cached[0] is not tokens:
+        cached = (tokens, RowSpec(info.boundary, tuple(sorted(info.eos_ids)), watch_ids(tokens)))
+        info._cache[key] = cached
+    return cached[1]

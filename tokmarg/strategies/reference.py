@@ -39,14 +39,15 @@ class CountingLM:
 
 
 def drive(
-    program: Generator[list[tuple[int, ...]], list[torch.Tensor], T],
-    lm: Callable[[Sequence[int]], torch.Tensor],
-    prompt: Sequence[int],
+    program: Generator[list, list, T], lm: Callable[[Sequence[int]], torch.Tensor], prompt: Sequence[int], spec
 ) -> T:
-    """Run a program to completion, answering each request with ``lm(prompt + path)``."""
+    """Run a program to completion, answering each request ``(path, need)`` with the full row
+    ``lm(prompt + path)`` reduced on the host (:func:`~tokmarg.nodestats.reference_stats`)."""
+    from tokmarg.nodestats import reference_stats
+
     try:
         request = next(program)
         while True:
-            request = program.send([lm((*prompt, *path)) for path in request])
+            request = program.send([reference_stats(lm((*prompt, *path)), need, spec) for path, need in request])
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]

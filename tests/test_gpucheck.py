@@ -1,0 +1,44 @@
+"""The GPU check runs anywhere: here on the CPU with a tiny config, printing its one JSON object."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_on_cpu_with_a_tiny_config(llama3_tokenizer_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "tokmarg.gpucheck", "--tokenizer", str(llama3_tokenizer_dir)]
+    proc = subprocess.run(
+        [*cmd, "--shape", "tiny", "--batches", "2,4", "--samples", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    res = json.loads(lines[-1])  # one JSON object
+    assert res["device"] == "cpu" and res["shape"] == "tiny"
+    for sem in ("exact", "paper"):
+        assert res["fp32"][sem]["within_tolerance"], res["fp32"][sem]
+        assert res["fp32"][sem]["codes_agree"], res["fp32"][sem]
+        assert set(res["fp32"][sem]["per_strategy"]) == {
+            "greedy_generation",
+            "token_probability",
+            "marginal_probability_at_fixed_place",
+            "marginal_probability_at_any_place",
+            "probability_uncertainty",
+            "entropy_uncertainty",
+            "LogTokU",
+        }
+    flips = res["bf16_vs_fp32"]
+    assert flips["nodes_common"] > 0 and min(flips["top_p"], flips["eps"], flips["eos_0.7"]) >= 0
+    assert [t["batch"] for t in res["throughput"]] == [2, 4]
+    for t in res["throughput"]:
+        assert t["samples_per_s"] > 0 and t["bytes_to_host_per_node"] < 16_000
+    assert res["attention"]["now"] == "tokmarg_tree" and res["multi_gpu"] is None

@@ -1,0 +1,199 @@
+"""Models built from a config, for tests, benchmarks and the GPU check: nothing from a hub.
+
+* :func:`llama3_tokenizer`: Meta's Llama 3 tokenizer (the vocabulary of Llama Guard 3 and
+  Llama 3.1: 128,000 BPE ranks + 256 special tokens = 128,256 ids, ``<|eot_id|>`` = 128009),
+  converted from the ``tokenizer.model`` that the PyPI package ``llama-models`` ships (needs
+  ``tiktoken``), with a Llama-3-style chat template. ``unsafe`` is one token there, and
+  ``unsafe\\nS1,S14`` is ``unsafe``, ``\\n``, ``S``, ``1``, ``,S``, ``14``.
+* :func:`build_random_llama`: a ``LlamaForCausalLM`` with random weights at a named shape
+  (``tiny`` or ``llama-3.1-8b``) and that tokenizer, saved as a local model directory. Its
+  lm_head is scaled so the next-token distributions are as peaked as a guard model's (at the
+  default ``logit_std`` the nucleus at top_p 0.99 has a median of about 2 tokens).
+
+``python -m tokmarg.synthetic OUT_DIR [--shape tiny] [--logit-std 19.2]`` writes such a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+)
+# The Llama 3 chat format (header, blank line, content, <|eot_id|>), without 3.1's tool and date preamble.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# Named shapes (LlamaConfig keyword arguments besides the vocabulary).
+SHAPES: dict[str, dict] = {
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "llama-3.1-8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+    },
+}
+INIT_STD = 0.02  # LlamaConfig's initializer_range
+DEFAULT_LOGIT_STD = 19.2  # x120 on the tiny shape's head: nucleus median ~2 tokens at top_p 0.99
+
+
+class SyntheticError(RuntimeError):
+    """A synthetic model cannot be built (a missing package); one line saying what to install."""
+
+
+def _llama3_dir() -> Path:
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise SyntheticError("the Llama 3 tokenizer needs the package llama-models: pip install --no-deps llama-models")
+    return Path(list(spec.submodule_search_locations)[0]) / "llama3"
+
+
+def _convert(src: Path, out: Path) -> None:
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    if importlib.util.find_spec("tiktoken") is None:
+        raise SyntheticError("converting the Llama 3 tokenizer needs tiktoken: pip install tiktoken")
+    pattern = re.search(r'pat_str = r"(.*)"', (src / "tokenizer.py").read_text(encoding="utf-8"))
+    if pattern is None:
+        raise SyntheticError(f"{src / 'tokenizer.py'}: no pat_str found (an unexpected llama-models version)")
+    tok = TikTokenConverter(vocab_file=str(src / "tokenizer.model"), pattern=pattern.group(1)).converted()
+    specials = [*LLAMA3_SPECIALS, *(f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS)))]
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        clean_up_tokenization_spaces=True,  # as Meta's own tokenizer_config.json for Llama 3 says
+    )
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def llama3_tokenizer_dir(cache: Path | None = None) -> Path:
+    """A directory holding the converted Llama 3 tokenizer (converted once, ~3 s, then cached)."""
+    from tokmarg.models import cache_root
+
+    src = _llama3_dir()
+    model_file = src / "tokenizer.model"
+    key = hashlib.sha256(f"{model_file.stat().st_size}:{LLAMA3_CHAT_TEMPLATE}".encode()).hexdigest()[:12]
+    target = (cache or cache_root()) / "tokenizers" / f"llama3-{key}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".llama3-"))
+    try:
+        _convert(src, tmp)
+        os.replace(tmp, target)  # atomic: a concurrent builder sees all or nothing
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "tokenizer.json").is_file():
+            raise
+    return target
+
+
+def llama3_tokenizer(cache: Path | None = None):  # noqa: ANN201 - a transformers tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama3_tokenizer_dir(cache))
+
+
+def random_llama(  # noqa: ANN201 - a LlamaForCausalLM
+    tokenizer: object, shape: str = "tiny", logit_std: float = DEFAULT_LOGIT_STD, seed: int = 0, device: str = "cpu"
+):
+    """A ``LlamaForCausalLM`` at a named shape with random float32 weights, built on ``device``.
+
+    The lm_head is multiplied so that a logit's standard deviation is about ``logit_std``
+    (the final norm gives unit-RMS hidden states; each head row has std ``INIT_STD``).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in SHAPES:
+        raise SyntheticError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    dims = SHAPES[shape]
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,  # type: ignore[attr-defined]
+        eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        tie_word_embeddings=False,
+        initializer_range=INIT_STD,
+        **dims,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_std / (INIT_STD * dims["hidden_size"] ** 0.5))
+    return model.eval()
+
+
+def build_random_llama(
+    out: Path,
+    shape: str = "tiny",
+    logit_std: float = DEFAULT_LOGIT_STD,
+    seed: int = 0,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Save :func:`random_llama` with the Llama 3 tokenizer as a local model directory."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or llama3_tokenizer_dir())
+    model = random_llama(tok, shape, logit_std, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tokmarg.synthetic", description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="model directory to write")
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--logit-std", type=float, default=DEFAULT_LOGIT_STD)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        path = build_random_llama(args.out, args.shape, args.logit_std, args.seed)
+    except SyntheticError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
