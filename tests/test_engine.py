@@ -111,7 +111,7 @@ def test_each_node_forwarded_once(model) -> None:
     sp = StrategyParams(top_p=0.9, max_new_tokens=3, eps=0.02)
     rows = [[(n, Context(None, info, tokens, q, sp, "exact")) for n in REGISTRY] for q in queries]
     p = common_prefix_len([q.prompt_ids for q in queries])
-    tree = run_batch(TreeBackend(lm.model, lm.device, queries[0].prompt_ids[:p], 16), rows)
+    tree = run_batch(TreeBackend(lm.model, lm.device, queries[0].prompt_ids[:p], 16, lookahead=0), rows)
     memo = run_batch(MemoBackend(lm.forward), rows)
     for q, t_row, m_row in zip(queries, tree, memo):
         t, m = sum(o.tokens_forwarded for o in t_row), sum(o.tokens_forwarded for o in m_row)
@@ -127,7 +127,7 @@ def test_backend_reuse_across_batches_crops_cache(model) -> None:
     sp = StrategyParams(top_p=0.9, max_new_tokens=3, eps=0.02)
     first = run_batch(backend, [[("token_probability", Context(None, info, tokens, queries[0], sp, "exact"))]])
     assert not backend.kv.own and len(backend.kv.prefix) == lm.model.config.num_hidden_layers  # the prefix stays
-    assert all(k.shape[1] == p for k, _ in backend.kv.prefix.values())
+    assert all(k.shape[-2] == p for k, _ in backend.kv.prefix.values())
     again = run_batch(backend, [[("token_probability", Context(None, info, tokens, queries[0], sp, "exact"))]])
     assert_same(first[0][0], again[0][0])
 

@@ -60,6 +60,8 @@ def engine_cost(stats: ScoreStats, seconds: float, n: int) -> dict:
         "nodes_per_sample": stats.nodes / max(n, 1),
         "bytes_to_host_per_node": stats.bytes_to_host / max(stats.nodes, 1),
         "forward_calls": stats.forward_calls,
+        "lookahead_tokens_guessed": stats.guessed,
+        "lookahead_tokens_taken": stats.guesses_taken,
     }
 
 

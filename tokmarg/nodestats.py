@@ -238,7 +238,7 @@ def _cut(
 
 
 def reduce_rows(
-    logits: torch.Tensor, needs: Sequence[Need], spec: RowSpec, k0: int = 32, k1: int = 1024
+    logits: torch.Tensor, needs: Sequence[Need], spec: RowSpec, ks: Sequence[int] = (32, 1024, 8192)
 ) -> tuple[list[NodeStats], int]:
     """Summaries of float32 rows ``logits`` (R, vocab), on their device; returns them and the
     bytes copied to the host. Equal to :func:`reference_stats` row by row."""
@@ -266,7 +266,7 @@ def reduce_rows(
         host += [v * inv[sel], i]
     cuts: list[_Cut] = []
     pending = [r for r, n in enumerate(needs) if n.nuclei]
-    for k in (k0, k1, logits.shape[-1]):
+    for k in (*ks, logits.shape[-1]):  # a larger top k only for the rows whose nucleus needs it
         if not pending:
             break
         cut, pending = _cut(e, inv, pending, needs, k, eos_ids)

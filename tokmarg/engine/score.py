@@ -19,6 +19,7 @@ class EngineOptions:
     engine: str = DEFAULT_ENGINE
     batch_size: int = 0  # samples per fast batch; 0 = auto
     max_forward_tokens: int = 0  # tokens per forward call; 0 = auto
+    lookahead: int = 16  # greedy tokens guessed ahead at most, forwarded with a greedy step (0: none)
 
     def resolved(self, on_gpu: bool) -> tuple[int, int]:
         """(batch size, max forward tokens): small on a CPU, where attention over a long packed
@@ -35,6 +36,8 @@ class ScoreStats:
     reduce_seconds: float = 0.0  # reducing the kept rows on the device, copying the summaries (fast)
     bytes_to_host: int = 0  # what those copies moved (fast)
     nodes: int = 0  # node summaries computed (fast)
+    guessed: int = 0  # greedy tokens forwarded ahead of their step (fast, see engine.lookahead)
+    guesses_taken: int = 0  # of them, asked for later
 
 
 def check_engine(lm: LoadedModel, opts: EngineOptions) -> None:
@@ -108,7 +111,8 @@ def score(
     p = common_prefix_len(prompts)
     if max_prefix is not None:
         p = min(p, max_prefix)
-    backend = TreeBackend(lm.model, lm.device, prompts[0][:p] if prompts else (), max_fwd, name=lm.name)
+    prefix = prompts[0][:p] if prompts else ()
+    backend = TreeBackend(lm.model, lm.device, prefix, max_fwd, name=lm.name, lookahead=opts.lookahead)
     stats.prefix_tokens = p
     for start in range(0, len(queries), batch):
         chunk = queries[start : start + batch]
@@ -127,4 +131,5 @@ def score(
     stats.reduce_seconds = backend.reduce_seconds
     stats.bytes_to_host = backend.bytes_to_host
     stats.nodes = backend.rows_reduced
+    stats.guessed, stats.guesses_taken = backend.guessed, backend.guesses_taken
     return outs, stats

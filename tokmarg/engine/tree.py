@@ -20,6 +20,7 @@ import torch
 
 from tokmarg.engine import EngineError
 from tokmarg.engine.attention import KWARG, NAME, TreeAttentionError, TreeKV, register
+from tokmarg.engine.lookahead import Lookahead
 from tokmarg.engine.scheduler import Node, merged_needs
 from tokmarg.nodestats import Need, NodeStats, RowSpec, reduce_rows
 
@@ -141,6 +142,7 @@ class TreeBackend:
         *,
         name: str = "model",
         prepared: bool = False,
+        lookahead: int = 16,
     ):
         if not prepared:
             prepare(model, name)
@@ -156,6 +158,9 @@ class TreeBackend:
         self.bytes_to_host = 0
         self.rows_reduced = 0  # node summaries computed
         self.record: dict[Node, NodeStats] | None = None  # set it to keep every summary (checks)
+        self.lookahead_tokens = lookahead  # greedy tokens guessed ahead at most (0: none)
+        self.lookahead = Lookahead(0)
+        self.guessed = self.guesses_taken = 0  # tokens guessed ahead, and of them asked for
         if self.P:
             self._run(np.array(self.prefix), np.arange(self.P))
         self.kv.end_batch()
@@ -163,6 +168,7 @@ class TreeBackend:
 
     def _reset(self) -> None:
         self._spec: RowSpec | None = None
+        self._prompts: list[tuple[int, ...]] = []
         self._plen: list[int] = []
         self._suffix = np.zeros(0, dtype=np.int64)  # (B,) own slots of each prompt suffix
         self._used = np.zeros(0, dtype=np.int64)  # (B,) own slots used
@@ -180,7 +186,9 @@ class TreeBackend:
             if tuple(prompt[: self.P]) != self.prefix or len(prompt) <= self.P:
                 raise ValueError(f"prompt {i} does not extend the shared prefix")
         self._spec = spec
+        self._prompts = [tuple(p) for p in prompts]
         self._plen = [len(p) for p in prompts]
+        self.lookahead = Lookahead(self.lookahead_tokens)
         self._suffix = np.array([n - self.P for n in self._plen], dtype=np.int64)
         self._used = self._suffix.copy()
         cap = int(self._suffix.max()) + 64
@@ -202,6 +210,9 @@ class TreeBackend:
             del self._stats[key]
 
     def end(self) -> None:
+        self.guessed += self.lookahead.guessed
+        self.guesses_taken += self.lookahead.taken
+        self.lookahead = Lookahead(0)
         self.kv.end_batch()
         self._reset()
 
@@ -209,30 +220,44 @@ class TreeBackend:
 
     def stats(self, requests: Sequence[Sequence[tuple[Node, Need]]]) -> tuple[dict[Node, NodeStats], list[int]]:
         missing: list[Node] = []
-        planned: set[Node] = set()
+        owner: dict[Node, int] = {}  # a node to forward -> the request group it counts for
         new = []
-        for group in requests:
+        for g, group in enumerate(requests):
             count = 0
             for node, _ in group:
                 i, path = node
-                chain = []
-                while path and (i, path) not in self._slot and (i, path) not in planned:
-                    chain.append((i, path))  # walk up only while the ancestors are missing
+                while path and (i, path) not in self._slot and (i, path) not in owner:
+                    owner[(i, path)] = g  # walk up only while the ancestors are missing
+                    missing.append((i, path))
+                    count += 1
                     path = path[:-1]
-                planned.update(chain)
-                missing += chain
-                count += len(chain)
             new.append(count)
+        needs = merged_needs(requests)
+        if self.lookahead.max:  # greedy steps: guess their paths ahead (see engine.lookahead)
+            for node, need in needs.items():
+                if need.top1:
+                    self.lookahead.asked(node)
+                    if owner.get(node) is not None:
+                        guessed = self.lookahead.guess(node, self._context(node))
+                        ahead = [n for n in guessed if n not in self._slot and n not in owner]
+                        for n in ahead:
+                            owner[n] = owner[node]
+                        missing += ahead
+                        new[owner[node]] += len(ahead)
         if missing:
             self._forward_nodes(missing)
         todo = []
-        for node, need in merged_needs(requests).items():
+        for node, need in needs.items():
             have = self._stats.get(node)
             if have is None or not have[0].covers(need):
                 todo.append((node, need if have is None else have[0] | need))
         if todo:
             self._summarise(todo)
         return {node: st for node, (_, st) in self._stats.items()}, new
+
+    def _context(self, node: Node) -> np.ndarray:
+        i, path = node
+        return np.array((*self._prompts[i], *path), dtype=np.int64)
 
     def _forward_nodes(self, nodes: list[Node]) -> None:
         """Forward tree nodes (any order; parents are placed first), in chunks."""
