@@ -229,3 +229,35 @@ def test_llama3_vocabulary_fast_matches_reference(
         assert through and any(fourteen in st.top_ids.tolist() for st in through)
         tree = fast["marginal_probability_at_any_place"][0]
         assert tree.scores["S1"] > 0.05 and tree.scores["S14"] > 0.05, tree.scores
+
+
+def test_attention_matmul_path_equals_fused_kernel() -> None:
+    """The matmul path (what runs where torch's fused CPU kernel does not) gives the same output
+    and log-sum-exp: grouped-query heads, an additive mask with padding rows."""
+    import torch
+
+    from tokmarg.engine.attention import _attend_matmul, attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 5, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    allowed = torch.rand(3, 1, 5, 11) > 0.4
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    for m in (mask, None):
+        out, lse = attend(q, k, v, m, 0.25)
+        out2, lse2 = _attend_matmul(q, k, v, m, 0.25)
+        assert (out - out2).abs().max() < 1e-5 and (lse - lse2).abs().max() < 1e-5
+
+
+def test_tree_backend_on_the_matmul_attention_path(model, monkeypatch) -> None:
+    import tokmarg.engine.attention as attention
+
+    monkeypatch.setattr(attention, "attend", attention._attend_matmul)
+    lm, info, tokens = model
+    queries = _queries(lm, short_format(), gate=True)
+    params = dict.fromkeys(REGISTRY, StrategyParams(top_p=0.9, max_new_tokens=4, eps=0.02))
+    ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, "exact", EngineOptions("reference"))
+    fast, _ = score(lm, info, tokens, queries, list(REGISTRY), params, "exact", EngineOptions("fast", 3, 7))
+    for name in REGISTRY:
+        for a, b in zip(fast[name], ref[name]):
+            assert_same(a, b, tol=1e-5)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tokmarg.engine import DEFAULT_ENGINE
+from tokmarg.engine import DEFAULT_ENGINE, DEFAULT_LOOKAHEAD
 
 app = typer.Typer(
     add_completion=False,
@@ -315,6 +315,9 @@ def bench_cmd(
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     batch_size: Annotated[int, typer.Option(min=0, help="samples per fast-engine batch (0 = auto)")] = 0,
     max_forward_tokens: Annotated[int, typer.Option(min=0, help="tokens per forward call (0 = auto)")] = 0,
+    lookahead: Annotated[
+        int, typer.Option(min=0, help="greedy tokens guessed ahead at most (0: none)")
+    ] = DEFAULT_LOOKAHEAD,
     fast_only: Annotated[bool, typer.Option(help="time the fast engine only (peak memory rows)")] = False,
     actors: Annotated[
         str | None, typer.Option(help="instead: eval throughput with these CPU actor counts, e.g. 0,1,2 (0: no Ray)")
@@ -334,7 +337,7 @@ def bench_cmd(
     try:
         cfg = build_config(params, _split(models), _split(strategies), semantics, device, dtype)
         ds = load_dataset(dataset, cfg.taxonomy, limit=limit)
-        eng = EngineOptions("fast", batch_size, max_forward_tokens)
+        eng = EngineOptions("fast", batch_size, max_forward_tokens, lookahead)
         if actors:
             try:
                 counts = [int(a) for a in _split([actors]) or []]

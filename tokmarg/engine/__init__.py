@@ -8,6 +8,7 @@ samples and strategies together, with tree attention over one packed KV cache.
 
 ENGINES = ("fast", "reference")
 DEFAULT_ENGINE = "fast"
+DEFAULT_LOOKAHEAD = 16  # greedy tokens the fast engine guesses ahead at most (see engine.lookahead)
 
 
 class EngineError(ValueError):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tokmarg.engine import EngineError
+from tokmarg.engine import DEFAULT_LOOKAHEAD, EngineError
 from tokmarg.engine.attention import KWARG, NAME, TreeAttentionError, TreeKV, register
 from tokmarg.engine.lookahead import Lookahead
 from tokmarg.engine.scheduler import Node, merged_needs
@@ -142,7 +142,7 @@ class TreeBackend:
         *,
         name: str = "model",
         prepared: bool = False,
-        lookahead: int = 16,
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ):
         if not prepared:
             prepare(model, name)
