@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tokmarg.strategies import REGISTRY
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,15 +29,7 @@ def test_gpu_check_on_cpu_with_a_tiny_config(llama3_tokenizer_dir: Path) -> None
     for sem in ("exact", "paper"):
         assert res["fp32"][sem]["within_tolerance"], res["fp32"][sem]
         assert res["fp32"][sem]["codes_agree"], res["fp32"][sem]
-        assert set(res["fp32"][sem]["per_strategy"]) == {
-            "greedy_generation",
-            "token_probability",
-            "marginal_probability_at_fixed_place",
-            "marginal_probability_at_any_place",
-            "probability_uncertainty",
-            "entropy_uncertainty",
-            "LogTokU",
-        }
+        assert set(res["fp32"][sem]["per_strategy"]) == set(REGISTRY)  # all seven
     flips = res["bf16_vs_fp32"]
     assert flips["nodes_common"] > 0 and min(flips["top_p"], flips["eps"], flips["eos_0.7"]) >= 0
     assert [t["batch"] for t in res["throughput"]] == [2, 4]

@@ -42,6 +42,18 @@ def test_lookahead_guesses_whole_after_a_hit_one_token_after_a_miss() -> None:
     assert Lookahead(0).guess((0, (1,)), ctx) == []
 
 
+def test_lookahead_streams_adapt_apart() -> None:
+    """A sample's greedy path and its tree branch are guessed and judged separately."""
+    la = Lookahead(max_tokens=5, first=2)
+    ctx = np.array([*range(1, 31), 1, 2])
+    greedy = la.guess((0, (1, 2)), ctx, "greedy")
+    tree = la.guess((0, (1, 2, 7)), np.array([*range(1, 31), 1, 2, 7]), "tree")  # (2, 7) never seen before
+    assert len(greedy) == 2 and tree == []
+    la.asked(greedy[0])
+    assert len(la.guess((0, (1, 2, 3, 5)), ctx, "greedy")) == 5  # the greedy stream paid: the whole max
+    assert la.taken == 1
+
+
 @pytest.fixture(scope="module")
 def trained(trained_tiny_dir: Path):
     lm = load_model(str(trained_tiny_dir), "cpu", "fp32")
@@ -94,7 +106,7 @@ def test_lookahead_on_smollm2_copying_its_prompt() -> None:
         Query(s.id, prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, cfg.taxonomy)), cfg.taxonomy.labels, True)
         for s in ds.samples
     ]
-    names = ["greedy_generation", "token_probability"]
+    names = ["greedy_generation", "token_probability", "marginal_probability_at_any_place"]  # greedy and tree
     off, st_off = score(lm, info, tokens, queries, names, mc.params, "paper", EngineOptions("fast", 2, lookahead=0))
     on, st_on = score(lm, info, tokens, queries, names, mc.params, "paper", EngineOptions("fast", 2))
     for name in names:

@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 LLAMA3_SPECIALS = (
@@ -105,7 +102,7 @@ def _convert(src: Path, out: Path) -> None:
 
 def llama3_tokenizer_dir(cache: Path | None = None) -> Path:
     """A directory holding the converted Llama 3 tokenizer (converted once, ~3 s, then cached)."""
-    from tokmarg.models import cache_root
+    from tokmarg.models import cache_root, publish_dir
 
     src = _llama3_dir()
     model_file = src / "tokenizer.model"
@@ -113,16 +110,7 @@ def llama3_tokenizer_dir(cache: Path | None = None) -> Path:
     target = (cache or cache_root()) / "tokenizers" / f"llama3-{key}"
     if (target / "tokenizer.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".llama3-"))
-    try:
-        _convert(src, tmp)
-        os.replace(tmp, target)  # atomic: a concurrent builder sees all or nothing
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "tokenizer.json").is_file():
-            raise
-    return target
+    return publish_dir(target, "tokenizer.json", lambda tmp: _convert(src, tmp))
 
 
 def llama3_tokenizer(cache: Path | None = None):  # noqa: ANN201 - a transformers tokenizer

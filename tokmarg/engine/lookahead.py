@@ -10,14 +10,16 @@ path then asks for a guessed node it is already there, and that step needs no mo
 wrong guess costs its tokens and changes nothing else: every node's logits are exact (its
 attention sees only its own ancestors).
 
-How far to guess adapts per sample: the whole ``max_tokens`` after a guess that was taken (in
+The same goes for a tree whose frontier has narrowed to one branch (a guard's tree past
+its first tokens often follows a single likely path). How far to guess adapts per stream (a
+sample's greedy path, its tree): the whole ``max_tokens`` after a guess that was taken (in
 part), a single token after one that was not, so a path that does not copy costs one token a
 step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -40,37 +42,41 @@ def lookup(context: np.ndarray, k: int, ngrams: Sequence[int] = (3, 2)) -> list[
 
 
 class Lookahead:
-    """Per-sample guesses and how far to guess (see the module docstring)."""
+    """Guesses and how far to guess, per stream: a sample's greedy path, or a narrow branch of its
+    tree (see the module docstring)."""
 
     def __init__(self, max_tokens: int, first: int = 4):
         self.max, self.first = max_tokens, first
-        self._k: dict[int, int] = {}  # sample -> tokens to guess next time
-        self._chain: dict[int, set[Node]] = {}  # sample -> nodes of its last guess
-        self._hits: dict[int, int] = {}  # sample -> of them, asked for so far
+        self._k: dict[Hashable, int] = {}  # stream -> tokens to guess next time
+        self._chain: dict[Hashable, set[Node]] = {}  # stream -> nodes of its last guess
+        self._hits: dict[Hashable, int] = {}  # stream -> of them, asked for so far
+        self._streams: dict[int, set[Hashable]] = {}  # sample -> its streams
         self.guessed = 0  # tokens guessed
         self.taken = 0  # of them, asked for later
 
     def asked(self, node: Node) -> None:
-        """A greedy path asks for ``node``."""
-        if node in self._chain.get(node[0], ()):
-            self._hits[node[0]] += 1
-            self.taken += 1
+        """A program asks for ``node`` (each distinct node once a round)."""
+        for stream in self._streams.get(node[0], ()):
+            if node in self._chain[stream]:
+                self._hits[stream] += 1
+                self.taken += 1
 
-    def guess(self, node: Node, context: np.ndarray) -> list[Node]:
-        """The chain of nodes to forward after ``node`` (a greedy step being forwarded now);
-        ``context``: the sample's prompt and the node's path."""
+    def guess(self, node: Node, context: np.ndarray, stream: Hashable = "greedy") -> list[Node]:
+        """The chain of nodes to forward after ``node`` (being forwarded now); ``context``: the
+        sample's prompt and the node's path."""
         if self.max <= 0:
             return []
         i, path = node
-        tokens = lookup(context, self._adapt(i))
+        key = (i, stream)
+        tokens = lookup(context, self._adapt(key))
         chain = [(i, path + tuple(tokens[: j + 1])) for j in range(len(tokens))]
-        self._chain[i], self._hits[i] = set(chain), 0
+        self._chain[key], self._hits[key] = set(chain), 0
+        self._streams.setdefault(i, set()).add(key)
         self.guessed += len(chain)
         return chain
 
-    def _adapt(self, i: int) -> int:
+    def _adapt(self, key: Hashable) -> int:
         """The whole guess after a guess that paid, one token (a cheap probe) after one that did not."""
-        chain = self._chain.get(i)
-        if chain:
-            self._k[i] = self.max if self._hits[i] > 0 else 1
-        return self._k.setdefault(i, min(self.first, self.max))
+        if self._chain.get(key):
+            self._k[key] = self.max if self._hits[key] > 0 else 1
+        return self._k.setdefault(key, min(self.first, self.max))

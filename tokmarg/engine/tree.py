@@ -233,17 +233,8 @@ class TreeBackend:
                     path = path[:-1]
             new.append(count)
         needs = merged_needs(requests)
-        if self.lookahead.max:  # greedy steps: guess their paths ahead (see engine.lookahead)
-            for node, need in needs.items():
-                if need.top1:
-                    self.lookahead.asked(node)
-                    if owner.get(node) is not None:
-                        guessed = self.lookahead.guess(node, self._context(node))
-                        ahead = [n for n in guessed if n not in self._slot and n not in owner]
-                        for n in ahead:
-                            owner[n] = owner[node]
-                        missing += ahead
-                        new[owner[node]] += len(ahead)
+        if self.lookahead.max:
+            missing += self._guess_ahead(needs, owner, new)
         if missing:
             self._forward_nodes(missing)
         todo = []
@@ -254,6 +245,32 @@ class TreeBackend:
         if todo:
             self._summarise(todo)
         return {node: st for node, (_, st) in self._stats.items()}, new
+
+    def _guess_ahead(self, needs: dict[Node, Need], owner: dict[Node, int], new: list[int]) -> list[Node]:
+        """Nodes guessed ahead (see engine.lookahead) of the greedy steps and single tree branches
+        forwarded this round; their tokens count for the group of the node they continue."""
+        narrow: dict[int, int] = {}  # sample -> its tree nodes forwarded this round
+        for node, need in needs.items():
+            self.lookahead.asked(node)
+            if need.nuclei and not need.top1 and node in owner:
+                narrow[node[0]] = narrow.get(node[0], 0) + 1
+        ahead: list[Node] = []
+        for node, need in needs.items():
+            if node not in owner:
+                continue
+            if need.top1:
+                stream = "greedy"
+            elif need.nuclei and narrow[node[0]] == 1:  # a single branch left
+                stream = "tree"
+            else:
+                continue
+            guessed = self.lookahead.guess(node, self._context(node), stream)
+            chain = [n for n in guessed if n not in self._slot and n not in owner]
+            for n in chain:
+                owner[n] = owner[node]
+            new[owner[node]] += len(chain)
+            ahead += chain
+        return ahead
 
     def _context(self, node: Node) -> np.ndarray:
         i, path = node

@@ -12,7 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,15 +96,25 @@ def converted_dir(name: str) -> Path:
     # The weights are dequantised to float32 on load; drop the GGUF marker so they serialise.
     del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a concurrent loader sees all or nothing
+
+    return publish_dir(target, "model.safetensors", save)
+
+
+def publish_dir(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """Build a cache directory under a temporary name and rename it to ``target`` (atomic: a
+    concurrent reader sees all or nothing); ``marker`` is the file that makes it complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "model.safetensors").is_file():
+        if not (target / marker).is_file():
             raise
     return target
 
