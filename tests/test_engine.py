@@ -261,3 +261,22 @@ def test_tree_backend_on_the_matmul_attention_path(model, monkeypatch) -> None:
     for name in REGISTRY:
         for a, b in zip(fast[name], ref[name]):
             assert_same(a, b, tol=1e-5)
+
+
+def test_fast_engine_refuses_what_it_cannot_reproduce(tiny_model_dir: Path, monkeypatch) -> None:
+    """One line, before any work: a model whose attention bypasses transformers' interface, and
+    one whose logits the fast path would not reproduce (found by the probe at the switch)."""
+    from transformers import LlamaForCausalLM
+
+    from tokmarg.engine import EngineError
+    from tokmarg.engine.tree import prepare
+
+    lm = load_model(str(tiny_model_dir), "cpu", "fp32")
+    monkeypatch.setattr(LlamaForCausalLM, "_can_set_attn_implementation", lambda self: False)
+    with pytest.raises(EngineError, match="does not use transformers' attention interface.*--engine reference"):
+        prepare(lm.model, "tiny")
+    monkeypatch.undo()
+    lm.model.config.final_logit_softcapping = 0.5  # applied by the fast path's head, not by Llama's forward
+    with pytest.raises(EngineError, match=r"logits differ from the model's own .* on a probe.*--engine reference"):
+        prepare(lm.model, "tiny")
+    assert lm.model.config._attn_implementation == "sdpa"  # left as it was

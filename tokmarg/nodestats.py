@@ -31,29 +31,33 @@ class Need:
     """What a request needs from its node.
 
     ``top1``: the most probable token (a greedy step); ``nuclei``: ``(semantics, top_p)`` nuclei
-    (a tree node); ``watch``: the raw logits at the model's watch ids (forced prefix, verdict).
-    The log-sum-exp, boundary mass and EOS probabilities come with every node.
+    (a tree node); ``watch``: the raw logits at the model's watch ids (forced prefix, verdict);
+    ``boundary``: the boundary mass (where a label may end at the node). The log-sum-exp and the
+    EOS probabilities come with every node.
     """
 
     top1: bool = False
     nuclei: tuple[tuple[str, float], ...] = ()
     watch: bool = False
+    boundary: bool = False
 
     def __or__(self, other: Need) -> Need:
         if self == other:
             return self
         nuclei = tuple(dict.fromkeys((*self.nuclei, *other.nuclei)))
-        return Need(self.top1 or other.top1, nuclei, self.watch or other.watch)
+        return Need(self.top1 or other.top1, nuclei, self.watch or other.watch, self.boundary or other.boundary)
 
     def covers(self, other: Need) -> bool:
-        return (
-            (self.top1 or not other.top1) and (self.watch or not other.watch) and set(other.nuclei) <= set(self.nuclei)
-        )
+        flags = all(mine or not theirs for mine, theirs in zip(self._flags(), other._flags()))
+        return flags and set(other.nuclei) <= set(self.nuclei)
+
+    def _flags(self) -> tuple[bool, bool, bool]:
+        return self.top1, self.watch, self.boundary
 
 
 GREEDY = Need(top1=True)
 WATCH = Need(watch=True)
-BASIC = Need()
+FORCED = Need(watch=True, boundary=True)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class NodeStats:
     """
 
     lse: float  # log-sum-exp of the raw logits
-    boundary_mass: float  # P(the next token does not continue a word)
+    boundary_mass: float  # P(the next token does not continue a word); nan unless asked
     eos_probs: tuple[float, ...]  # per RowSpec.eos_ids
     top_ids: np.ndarray  # (k,) int64
     top_probs: np.ndarray  # (k,) float32
@@ -210,7 +214,7 @@ def _cut(
     ``inv``: 1 / their row sums); return the cut and the rows whose nucleus does not provably lie
     inside the top k (it runs past k, or ties reach k)."""
     vocab = e.shape[-1]
-    sel = torch.tensor(rows, device=e.device)
+    sel = _select(rows, e.device)
     v, i = _sorted_topk(e[sel], k)  # (r, k)
     v = v * inv[sel][:, None]  # probabilities, still sorted
     k = v.shape[-1]
@@ -237,6 +241,13 @@ def _cut(
     return _Cut(rows, v, i, sizes, eos_in, kept), bad
 
 
+def _select(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Index of some rows: a slice (a view, no copy) when they are contiguous."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, device=device)
+
+
 def reduce_rows(
     logits: torch.Tensor, needs: Sequence[Need], spec: RowSpec, ks: Sequence[int] = (32, 1024, 8192)
 ) -> tuple[list[NodeStats], int]:
@@ -251,17 +262,22 @@ def reduce_rows(
     e = (logits - top).clamp_(min=-87.0).exp_()  # (R, V)
     # reductions (pairwise, accurate), not a matmul: a float32 dot product over 128k values loses
     # 1e-4 of a peaked row's sum, and a TF32 setting would round it further
-    total, b_sum = e.sum(dim=-1), (e * boundary).sum(dim=-1)  # (R,)
+    total = e.sum(dim=-1)  # (R,)
     inv = 1.0 / total  # (R,)
+    b_mass = torch.full_like(total, float("nan"))
+    b_rows = [r for r, n in enumerate(needs) if n.boundary]
+    if b_rows:
+        sel = _select(b_rows, dev)
+        b_mass[sel] = (e[sel] * boundary).sum(dim=-1) * inv[sel]
     lse = top[:, 0] + torch.log(total)
-    scalars = torch.cat([lse[:, None], (b_sum * inv)[:, None], e[:, eos_ids] * inv[:, None]], dim=1)  # (R, 2 + E)
+    scalars = torch.cat([lse[:, None], b_mass[:, None], e[:, eos_ids] * inv[:, None]], dim=1)  # (R, 2 + E)
     host: list[torch.Tensor] = [scalars]
     watch_rows = [r for r, n in enumerate(needs) if n.watch]
     if watch_rows:
-        host.append(logits[torch.tensor(watch_rows, device=dev)[:, None], watch_ids[None, :]])  # (w, W) raw logits
+        host.append(logits[_select(watch_rows, dev)][:, watch_ids])  # (w, W) raw logits
     top1_rows = [r for r, n in enumerate(needs) if n.top1 and not n.nuclei]
     if top1_rows:
-        sel = torch.tensor(top1_rows, device=dev)
+        sel = _select(top1_rows, dev)
         v, i = e[sel].max(dim=-1)  # the first maximum: lowest id among ties
         host += [v * inv[sel], i]
     cuts: list[_Cut] = []

@@ -364,7 +364,8 @@ class TreeBackend:
     def _summarise(self, todo: list[tuple[Node, Need]]) -> None:
         """Logits of the nodes from their hidden states (float32 lm_head), reduced on the device."""
         chunk = 256 if self.head.device.type == "cuda" else 16
-        for start in range(0, len(todo), chunk):
+        todo.sort(key=lambda item: (bool(item[1].nuclei), item[1].watch, item[1].boundary, item[1].top1))
+        for start in range(0, len(todo), chunk):  # alike needs side by side: row slices, not copies
             part = todo[start : start + chunk]
             t0 = time.perf_counter()
             with torch.inference_mode():

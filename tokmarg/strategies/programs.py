@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokmarg.nodestats import EXACT, GREEDY, PAPER, WATCH, Need, NodeStats, RowSpec
+from tokmarg.nodestats import EXACT, FORCED, GREEDY, PAPER, WATCH, Need, NodeStats, RowSpec
 from tokmarg.probability import char_to_token, first_occurrence
 from tokmarg.strategies.base import ModelTokens, StrategyParams, TokenInfo
 
@@ -179,6 +179,7 @@ def any_place_exact(
     """
     tally = _ExactTally(len(labels))
     need = Need(nuclei=((EXACT, sp.top_p),))
+    need_b = Need(nuclei=need.nuclei, boundary=True)  # where a label is pending: its boundary mass
     eos = np.array(sorted(info.eos_ids), dtype=np.int64)
     root = _Node((), 1.0, 0, matcher.exact_root(), np.zeros(len(labels), dtype=bool))
     frontier = [root] if root.c >= sp.eps else []
@@ -186,7 +187,7 @@ def any_place_exact(
         tally.lose(root.c, root)
     nodes = 0
     while frontier:
-        got = yield [(n.path, need) for n in frontier]
+        got = yield [(n.path, need_b if n.pending >= 0 else need) for n in frontier]
         nodes += len(frontier)
         nxt: list[_Node] = []
         for n, st in zip(frontier, got):
@@ -200,8 +201,9 @@ def any_place_exact(
 def _expand_exact(
     n: _Node, st: NodeStats, info: TokenInfo, matcher, sp: StrategyParams, eos: np.ndarray, tally: _ExactTally
 ) -> list[_Node]:
-    """One forwarded node: count what it confirms, return its children at or above eps."""
-    b_mass = st.boundary_mass
+    """One forwarded node: count what it confirms, return its children at or above eps. The
+    boundary mass matters only where a label is pending (it was asked for only there)."""
+    b_mass = st.boundary_mass if n.pending >= 0 else 0.0
     if n.pending >= 0:  # the occurrence ends here when the next token is a boundary
         tally.scores[n.pending] += n.c * b_mass
     if n.depth == sp.max_new_tokens:
@@ -329,7 +331,7 @@ def forced_evidence_exact(
     ``S``): S14 -> z + log p(``1``) + log p(``4`` | ``1``) + log P(boundary | ``14``).
     """
     start = tokens.forced_prefix
-    got = yield from ask_many([p for c in codes for p in _steps(start, tokens.code_rest[c])], WATCH)
+    got = yield from ask_many([p for c in codes for p in _steps(start, tokens.code_rest[c])], FORCED)
     z = got[start].lse
     out = []
     for c in codes:
@@ -354,7 +356,7 @@ def forced_evidence_paper(
 def verdict_exact(tokens: ModelTokens) -> Generator[list[Request], list[NodeStats], float]:
     """P(unsafe) / (P(unsafe) + P(safe)), each the full word followed by a boundary."""
     u, s = tokens.verdict_ids["unsafe"], tokens.verdict_ids["safe"]
-    got = yield from ask_many([*_steps((), u), *_steps((), s)], WATCH)
+    got = yield from ask_many([*_steps((), u), *_steps((), s)], FORCED)
     lu, ls = _then_boundary((), u, got), _then_boundary((), s, got)
     if lu == ls == -math.inf:
         return 0.5
