@@ -248,3 +248,10 @@ def test_bench_json(tiny_model_dir: Path, files) -> None:
         assert {"speedup", "max_abs_diff", "codes_agree"} <= set(p)
         assert p["max_abs_diff"] <= 1e-4 and p["codes_agree"]
     assert out["all"]["token_ratio"] > 5
+    for cost in (out["fast"], out["all"]):  # the engine's own cost (SPEC §6)
+        per_sample = 1 / out["fast"]["samples_per_s"]
+        outside = cost["host_seconds_per_sample"]
+        inside = cost["model_seconds"] / 3
+        assert 0 < outside and 0 < inside and outside + inside == pytest.approx(per_sample, rel=1e-6)
+        assert cost["reduce_seconds"] / 3 <= outside
+        assert cost["nodes_per_sample"] >= 1 and 0 < cost["bytes_to_host_per_node"] < 16_000

@@ -377,8 +377,8 @@ def bench_cmd(
     )
     typer.echo(
         f"  per sample: {f['model_seconds'] / res['n_samples']:.4f} s in the model, "
-        f"{f['reduce_seconds'] / res['n_samples']:.4f} s reducing rows on the device, "
-        f"{f['host_seconds_per_sample']:.4f} s on the host; {f['nodes_per_sample']:.1f} nodes, "
+        f"{f['host_seconds_per_sample']:.4f} s outside it (of which "
+        f"{f['reduce_seconds'] / res['n_samples']:.4f} s reducing rows); {f['nodes_per_sample']:.1f} nodes, "
         f"{f['bytes_to_host_per_node']:.0f} bytes to the host per node"
     )
     if fast_only:

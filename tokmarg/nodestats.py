@@ -8,16 +8,17 @@ them, with the same rules (SPEC §2) and the same result:
 * :func:`reference_stats`: one full row on the host (softmax, a full stable sort); the
   reference engine uses it, and it is the oracle of the other.
 * :func:`reduce_rows`: many rows on the device that computed them, in float32, in one call:
-  ``topk`` with a check that the nucleus (ties included) lies inside the top k, escalating to
-  a larger k and then to a full sort for the rows where it does not; only the summaries are
-  copied to the host (``bytes`` counts them).
+  the tokens above a probability floor, or else a ``topk``, each with a check that the nucleus
+  (ties included) lies inside what it kept, escalating to a larger k and then to a full sort
+  for the rows where it does not; only the summaries are copied to the host (``bytes``
+  counts them).
 
 Pure tensor code: no model, tokenizer or file in here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -184,11 +185,45 @@ def reference_stats(logits: torch.Tensor, need: Need, spec: RowSpec) -> NodeStat
 # ---------------------------------------------------------------- on the device: many rows at once
 
 
-def _sorted_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k of each row by descending probability, ties lower id first.  (r, V) -> 2 x (r, k)"""
-    if k >= probs.shape[-1]:
+_BLOCK = 128  # tokens per block of the blocked top k
+
+
+def _block_max(logits: torch.Tensor) -> torch.Tensor | None:
+    """Each row's maximum per block of ``_BLOCK`` consecutive ids (the last block may be short);
+    None for a vocabulary too small to gain from it.  (R, V) -> (R, ceil(V / _BLOCK))"""
+    rows, vocab = logits.shape
+    full = vocab // _BLOCK
+    if full < 256:
+        return None
+    out = logits[:, : full * _BLOCK].reshape(rows, full, _BLOCK).amax(dim=-1)
+    if vocab > full * _BLOCK:
+        out = torch.cat([out, logits[:, full * _BLOCK :].amax(dim=-1, keepdim=True)], dim=1)
+    return out
+
+
+def _sorted_topk(
+    probs: torch.Tensor, k: int, block_max: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k of each row by descending probability, ties lower id first.  (r, V) -> 2 x (r, k)
+
+    With ``block_max`` (r, blocks: the maxima of a quantity whose order ``probs`` keeps, such as
+    the logits) the candidates are the k blocks of largest maximum: a CPU ``topk`` over a 128k
+    row costs several times the pass that made the maxima. Their top k values are the row's: a
+    value above the k-th largest t sits in one of fewer than k blocks whose maximum exceeds that
+    of every block without one, and k candidates are >= t. Which of the tokens tied *at* t
+    came in may differ; the callers' tie check sends such rows on to a larger k."""
+    vocab = probs.shape[-1]
+    if k >= vocab:
         return torch.sort(probs, dim=-1, descending=True, stable=True)
-    v, i = torch.topk(probs, k, dim=-1)  # ties in arbitrary order
+    if block_max is not None and k <= block_max.shape[-1] // 8:
+        _, blocks = torch.topk(block_max, k, dim=-1)  # (r, k)
+        offsets = torch.arange(_BLOCK, device=probs.device)
+        cand = (blocks[:, :, None] * _BLOCK + offsets).reshape(len(blocks), -1)  # (r, k * _BLOCK)
+        vals = probs.gather(-1, cand.clamp(max=vocab - 1)).masked_fill_(cand >= vocab, -1.0)
+        v, j = torch.topk(vals, k, dim=-1)
+        i = cand.gather(-1, j)
+    else:
+        v, i = torch.topk(probs, k, dim=-1)  # ties in arbitrary order
     i, perm = torch.sort(i, dim=-1)
     v = v.gather(-1, perm)
     v, perm = torch.sort(v, dim=-1, descending=True, stable=True)
@@ -208,17 +243,44 @@ class _Cut:
 
 
 def _cut(
-    e: torch.Tensor, inv: torch.Tensor, rows: list[int], needs: Sequence[Need], k: int, eos_ids: torch.Tensor
+    e: torch.Tensor,
+    inv: torch.Tensor,
+    rows: list[int],
+    needs: Sequence[Need],
+    k: int,
+    eos_ids: torch.Tensor,
+    block_max: torch.Tensor | None,
 ) -> tuple[_Cut, list[int]]:
     """Cut the requested nuclei of ``rows`` from their top k (``e``: unnormalised probabilities,
     ``inv``: 1 / their row sums); return the cut and the rows whose nucleus does not provably lie
     inside the top k (it runs past k, or ties reach k)."""
-    vocab = e.shape[-1]
     sel = _select(rows, e.device)
-    v, i = _sorted_topk(e[sel], k)  # (r, k)
+    v, i = _sorted_topk(e[sel], k, None if block_max is None else block_max[sel])  # (r, k)
     v = v * inv[sel][:, None]  # probabilities, still sorted
     k = v.shape[-1]
-    dev = e.device
+
+    def inside(n: torch.Tensor) -> torch.Tensor:
+        if k >= e.shape[-1]:
+            return torch.ones_like(n, dtype=torch.bool)
+        # every token tied with the last nucleus token must be inside the top k
+        last = v.gather(-1, (n.clamp(max=k) - 1)[:, None])[:, 0]
+        return (n <= k) & (last > v[:, -1])
+
+    return _nuclei(v, i, rows, needs, eos_ids, e.shape[-1], inside)
+
+
+def _nuclei(
+    v: torch.Tensor,
+    i: torch.Tensor,
+    rows: list[int],
+    needs: Sequence[Need],
+    eos_ids: torch.Tensor,
+    vocab: int,
+    inside: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[_Cut, list[int]]:
+    """The requested nuclei of ``rows`` from their sorted leading tokens ``v``/``i`` (r, k);
+    ``inside(n)`` says per row whether a nucleus of size n provably lies within them."""
+    dev, k = v.device, v.shape[-1]
     ok = torch.ones(len(rows), dtype=torch.bool, device=dev)
     kept = torch.tensor([1 if needs[r].top1 else 0 for r in rows], device=dev)
     sizes, eos_in = {}, {}
@@ -228,11 +290,7 @@ def _cut(
         sem, top_p = key
         wants = torch.tensor([key in needs[r].nuclei for r in rows], device=dev)
         n = _SIZE[sem](v, top_p).clamp(max=vocab)  # (r,)
-        inside = n <= k
-        if k < vocab:  # every token tied with the last nucleus token must be inside the top k
-            last = v.gather(-1, (n.clamp(max=k) - 1)[:, None])[:, 0]
-            inside &= last > v[:, -1]
-        ok &= inside | ~wants
+        ok &= inside(n) | ~wants
         e = (is_eos & (pos[None, :] < n[:, None])).any(-1)
         sizes[key], eos_in[key] = n, e
         n_kept = torch.where(e, n.clamp(max=3), n) if sem == EXACT else n
@@ -249,13 +307,18 @@ def _select(rows: list[int], device: torch.device) -> slice | torch.Tensor:
 
 
 def reduce_rows(
-    logits: torch.Tensor, needs: Sequence[Need], spec: RowSpec, ks: Sequence[int] = (32, 1024, 8192)
+    logits: torch.Tensor,
+    needs: Sequence[Need],
+    spec: RowSpec,
+    ks: Sequence[int] = (32, 1024, 8192),
 ) -> tuple[list[NodeStats], int]:
     """Summaries of float32 rows ``logits`` (R, vocab), on their device; returns them and the
-    bytes copied to the host. Equal to :func:`reference_stats` row by row."""
+    bytes copied to the host. Equal to :func:`reference_stats` row by row. A nucleus is cut
+    from a top k, for each k of ``ks`` in turn, then from a full sort."""
     dev = logits.device
     boundary, eos_ids, watch_ids = spec.on(dev)
-    top = logits.amax(dim=-1, keepdim=True)  # (R, 1)
+    block_max = _block_max(logits)
+    top = (logits if block_max is None else block_max).amax(dim=-1, keepdim=True)  # (R, 1)
     # Unnormalised probabilities e = exp(logit - max), in [exp(-87), 1]: a logit more than 87
     # below the maximum is raised to that floor (a subnormal exponential is very slow on a CPU;
     # the floor adds nothing to a float32 sum >= 1). A probability is e / total.
@@ -285,7 +348,7 @@ def reduce_rows(
     for k in (*ks, logits.shape[-1]):  # a larger top k only for the rows whose nucleus needs it
         if not pending:
             break
-        cut, pending = _cut(e, inv, pending, needs, k, eos_ids)
+        cut, pending = _cut(e, inv, pending, needs, k, eos_ids, block_max)
         cuts.append(cut)
     for cut in cuts:
         k = cut.values.shape[-1]
