@@ -210,9 +210,7 @@ def token_info(tok: object, eos_ids: frozenset[int], vocab_size: int) -> TokenIn
     probe = "a ,"
     cleans = tok.decode(tok.encode(probe, add_special_tokens=False)) != probe  # type: ignore[attr-defined]
     unstable = np.array(
-        [
-            "\ufffd" in a or "\ufffd" in t or (cleans and t.endswith(" ")) for a, t in zip(alone, literal)
-        ],
+        ["\ufffd" in a or "\ufffd" in t or (cleans and t.endswith(" ")) for a, t in zip(alone, literal)],
         dtype=bool,
     )
 
