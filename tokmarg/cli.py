@@ -19,8 +19,8 @@ app = typer.Typer(
     help="Calibrated per-category confidence for generative LLM safety classifiers.",
 )
 
-DEFAULT_DATASET = "datasets/sample.jsonl"
-DEFAULT_PARAMS = "params.yaml"
+DATASET_HELP = "JSONL dataset [default: ./datasets/sample.jsonl, else the packaged sample]"
+PARAMS_HELP = "params.yaml [default: ./params.yaml, else the packaged defaults]"
 COST_COLS = ("tokens_forwarded_per_sample", "seconds_per_sample")
 HEADLINE_COLS = (
     "f1_micro",
@@ -72,8 +72,8 @@ def strategies_cmd() -> None:
 
 @app.command("validate")
 def validate_cmd(
-    dataset: Annotated[Path, typer.Option(help="JSONL dataset")] = Path(DEFAULT_DATASET),
-    params: Annotated[Path, typer.Option(help="params.yaml")] = Path(DEFAULT_PARAMS),
+    dataset: Annotated[Path | None, typer.Option(help=DATASET_HELP, show_default=False)] = None,
+    params: Annotated[Path | None, typer.Option(help=PARAMS_HELP, show_default=False)] = None,
     models: Annotated[list[str] | None, typer.Option(help="model names (preset, HF id or directory)")] = None,
     strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="skip invalid dataset lines")] = False,
@@ -81,7 +81,9 @@ def validate_cmd(
     """Check a dataset and a params file without loading a model."""
     from tokmarg.config import build_config
     from tokmarg.data import load_dataset
+    from tokmarg.inputs import dataset_file, params_file
 
+    (params, params_from), (dataset, dataset_from) = params_file(params), dataset_file(dataset)
     try:
         cfg = build_config(params, _split(models), _split(strategies))
         ds = load_dataset(dataset, cfg.taxonomy, skip_invalid=skip_invalid)
@@ -90,11 +92,11 @@ def validate_cmd(
     safe = sum(1 for s in ds.samples if not s.labels)
     typer.echo(
         f"{params}: ok ({len(cfg.strategies)} strategies, semantics {cfg.semantics}, "
-        f"models {', '.join(m.name for m in cfg.models)})"
+        f"models {', '.join(m.name for m in cfg.models)}; from the {params_from})"
     )
     typer.echo(
         f"{dataset}: ok ({len(ds.samples)} samples, {safe} safe, {ds.n_skipped} skipped, "
-        f"taxonomy {cfg.taxonomy.name}, sha256 {ds.sha256[:12]})"
+        f"taxonomy {cfg.taxonomy.name}, sha256 {ds.sha256[:12]}; from the {dataset_from})"
     )
 
 
@@ -135,8 +137,8 @@ def eval_cmd(
     models: Annotated[
         list[str] | None, typer.Option(help="models: preset, HF id or local dir (default: embedded SmolLM2)")
     ] = None,
-    dataset: Annotated[Path, typer.Option(help="JSONL dataset")] = Path(DEFAULT_DATASET),
-    params: Annotated[Path, typer.Option(help="params.yaml")] = Path(DEFAULT_PARAMS),
+    dataset: Annotated[Path | None, typer.Option(help=DATASET_HELP, show_default=False)] = None,
+    params: Annotated[Path | None, typer.Option(help=PARAMS_HELP, show_default=False)] = None,
     strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies (default: all in params)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
     semantics: Annotated[str | None, typer.Option(help="exact | paper (overrides params)")] = None,
@@ -176,6 +178,7 @@ def eval_cmd(
     from tokmarg.config import build_config
     from tokmarg.data import load_dataset
     from tokmarg.engine.score import EngineOptions
+    from tokmarg.inputs import dataset_file, params_file
     from tokmarg.runner import RunOptions, run_eval
 
     if resume is not None:
@@ -184,10 +187,12 @@ def eval_cmd(
     else:
         if ctx.args and not models:
             raise _fail(f"unexpected argument(s): {' '.join(ctx.args)}")
+        (params, params_from), (dataset, dataset_from) = params_file(params), dataset_file(dataset)
         a = {
             "models": _split([*(models or []), *ctx.args]),  # `--models A B C` as well as `--models A,B`
             "dataset": str(dataset.resolve()),
             "params": str(params.resolve()),
+            "inputs_from": {"params": params_from, "dataset": dataset_from},
             "strategies": _split(strategies),
             "limit": limit,
             "semantics": semantics,
@@ -306,8 +311,8 @@ def _kept(out: Path | None) -> str:
 @app.command("bench")
 def bench_cmd(
     models: Annotated[list[str] | None, typer.Option(help="the model to benchmark (first one)")] = None,
-    dataset: Annotated[Path, typer.Option(help="JSONL dataset")] = Path(DEFAULT_DATASET),
-    params: Annotated[Path, typer.Option(help="params.yaml")] = Path(DEFAULT_PARAMS),
+    dataset: Annotated[Path | None, typer.Option(help=DATASET_HELP, show_default=False)] = None,
+    params: Annotated[Path | None, typer.Option(help=PARAMS_HELP, show_default=False)] = None,
     strategies: Annotated[list[str] | None, typer.Option(help="subset of strategies")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = 20,
     semantics: Annotated[str | None, typer.Option(help="exact | paper (overrides params)")] = None,
@@ -333,7 +338,9 @@ def bench_cmd(
     from tokmarg.config import build_config
     from tokmarg.data import load_dataset
     from tokmarg.engine.score import EngineOptions
+    from tokmarg.inputs import dataset_file, params_file
 
+    params, dataset = params_file(params)[0], dataset_file(dataset)[0]
     try:
         cfg = build_config(params, _split(models), _split(strategies), semantics, device, dtype)
         ds = load_dataset(dataset, cfg.taxonomy, limit=limit)

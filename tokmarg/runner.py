@@ -183,7 +183,7 @@ def _score(
         if mc.name in todo_models
     ]
     sizes = {p.index: len(p.samples) for p in parts}
-    bars: dict = {}
+    progress = Progress(cfg, ds, done, sizes, opts.progress)
     written = 0
 
     def on_result(res: PartitionResult) -> None:
@@ -201,38 +201,72 @@ def _score(
         }
         if rd.write_partition(res.model, res.index, res.rows, meta):
             written += 1
-            bars[res.model].update(sizes[res.index])
+            progress.advance(res.model, sizes[res.index])
 
     try:
         t0 = time.perf_counter()
-        launcher.start(specs)  # Ray: every model loaded (a bad one fails here), dashboard printed
+        launcher.start(specs)  # Ray: joined or started, dashboard printed, actors sized
         t1 = time.perf_counter()
-        bars.update(_bars(cfg, ds, done, sizes, opts.progress))
-        launcher.run(work, on_result)
+        launcher.run(work, on_result, progress.state)
         info = {**launcher.info(), "start_seconds": t1 - t0, "run_seconds": time.perf_counter() - t1}
     finally:
-        for b in bars.values():
-            b.close()
+        progress.close()
         launcher.close()
     return {**info, "partitions_run": written}
 
 
-def _bars(cfg: Config, ds: Dataset, done: dict[str, set[int]], sizes: dict[int, int], progress: bool) -> dict:
-    """One progress bar per model, in samples, starting at what earlier sessions finished."""
-    return {
-        mc.name: tqdm(
-            total=len(ds.samples),
-            initial=sum(sizes[i] for i in done[mc.name]),
-            desc=mc.name[-40:].ljust(40),
-            unit="sample",
-            position=i,
-            leave=True,
-            disable=not progress,
-            file=sys.stderr,
-            mininterval=0.5,
-        )
-        for i, mc in enumerate(cfg.models)
-    }
+class Progress:
+    """Per model, in samples: tqdm bars on a terminal; elsewhere (``ray job logs``, a file) a
+    plain line per model at most every ``LINE_EVERY_S`` seconds, not a wall of redraws. A
+    model's state (waiting, loading, running, done) shows beside its bar, so the bars tell the
+    order in which models ran."""
+
+    LINE_EVERY_S = 15.0
+
+    def __init__(
+        self, cfg: Config, ds: Dataset, done: dict[str, set[int]], sizes: dict[int, int], enabled: bool
+    ) -> None:
+        self.total = len(ds.samples)
+        self.count = {m.name: sum(sizes[i] for i in done[m.name]) for m in cfg.models}
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.t0, self.last = time.monotonic(), dict.fromkeys(self.count, 0.0)
+        self.bars = {
+            mc.name: tqdm(
+                total=self.total,
+                initial=self.count[mc.name],
+                desc=mc.name[-40:].ljust(40),
+                unit="sample",
+                position=i,
+                leave=True,
+                file=sys.stderr,
+                mininterval=0.5,
+                postfix="waiting",
+            )
+            for i, mc in enumerate(cfg.models)
+        } if self.tty else {}  # fmt: skip
+
+    def advance(self, model: str, n: int) -> None:
+        self.count[model] += n
+        done = self.count[model]
+        if model in self.bars:
+            self.bars[model].update(n)
+        elif self.enabled and (time.monotonic() - self.last[model] > self.LINE_EVERY_S or done == self.total):
+            self.last[model] = time.monotonic()
+            self._line(f"{model}: {done}/{self.total} samples ({100 * done / self.total:.0f}%)")
+
+    def state(self, model: str, state: str) -> None:
+        if model in self.bars:
+            self.bars[model].set_postfix_str(state)
+        elif self.enabled:
+            self._line(f"{model}: {state}")
+
+    def _line(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()
 
 
 def _same_precision(model: str, metas: list[dict], rd: RunDir) -> None:
@@ -260,7 +294,10 @@ def _reduce(
     out = rd.path
     expected = [(p.index, [s.id for s in p.samples]) for p in parts]
     frames, timing, thresholds = [], {}, {}
-    loads = {w["model"]: w.get("load_seconds") for w in launch.get("workers", launch.get("actors", []))}
+    loads: dict[str, float] = {}  # the first of each model's workers that loaded (some never did: released)
+    for w in launch.get("workers", launch.get("actors", [])):
+        if w.get("load_seconds") is not None:
+            loads.setdefault(w["model"], w["load_seconds"])
     for mc in cfg.models:
         df, metas = rd.read_partitions(mc.name, expected, list(cfg.strategies))
         _same_precision(mc.name, metas, rd)
@@ -297,6 +334,9 @@ def _reduce(
         "calibration_note": TRANSDUCTIVE_NOTE if cfg.calibration == "transductive" else SPLIT_NOTE,
         "t_opti": thresholds,
         "params_file": cfg.path,
+        # where params and dataset came from: the command line, the working directory, or the
+        # defaults packaged with tokmarg (no --params / --dataset, none in the working directory)
+        "inputs_from": record.get("args", {}).get("inputs_from"),
         "params": cfg.raw,
         "resolved": job["resolved"],
         "taxonomy": cfg.taxonomy.name,

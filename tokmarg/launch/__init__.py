@@ -12,16 +12,18 @@ from typing import Protocol
 from tokmarg.worker import Partition, PartitionResult, WorkerSpec
 
 OnResult = Callable[[PartitionResult], None]
+OnState = Callable[[str, str], None]  # (model, "waiting" | "loading" | "running" | "done")
 
 
 class Launcher(Protocol):
     name: str
 
     def start(self, specs: Sequence[WorkerSpec]) -> None:
-        """Get workers ready (Ray: load every model now, so a bad one fails the run early)."""
+        """Get ready to run these workers (Ray: join or start the cluster, size the actors)."""
 
-    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:
-        """Score every (model, partition); call ``on_result`` on the driver as each finishes."""
+    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult, on_state: OnState | None = None) -> None:
+        """Score every (model, partition); call ``on_result`` on the driver as each finishes and
+        ``on_state`` as a model starts loading, starts scoring and is done."""
 
     def info(self) -> dict:
         """What the manifest records about the launch (workers, placement, restarts)."""

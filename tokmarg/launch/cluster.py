@@ -1,14 +1,14 @@
 """The Ray launcher: one actor per (model, replica), partitions pulled as actors free up.
 
 The worker stays Ray-free; :class:`RayWorker` wraps it at launch with what only Ray needs
-(its node, custom metrics), and ``ray.remote(...)`` is applied here, with the resources and
-the restart policy of this run. Actors are named ``tokmarg/<model>/<replica>`` in a
-namespace of their own, so two runs on one cluster never collide.
+(its node, its GPUs, custom metrics), and ``ray.remote(...)`` is applied here, with the
+resources and the restart policy of this run. Actors are named ``tokmarg/<model>/<replica>``
+in a namespace of their own, so two runs on one cluster never collide. The driver connects
+with the cluster's own auth mode (:mod:`tokmarg.launch.auth`).
 
-No lost work: an actor that dies is restarted (``max_restarts``) and the call in flight is
-retried (``max_task_retries``); a partition whose actor is gone for good goes back to the
-queue for the model's other replicas. Results come back to the driver, which alone writes
-them (once: see :meth:`tokmarg.rundir.RunDir.write_partition`).
+More actors than the nodes hold at once run in waves (:mod:`tokmarg.launch.waves`, which also
+has the failure rules: no lost work, late copies ignored). Results come back to the driver,
+which alone writes them (once: see :meth:`tokmarg.rundir.RunDir.write_partition`).
 """
 
 from __future__ import annotations
@@ -17,26 +17,24 @@ import os
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
-from tokmarg.launch import OnResult
+from tqdm import tqdm
+
+from tokmarg.launch import OnResult, OnState
+from tokmarg.launch.auth import ENV as AUTH_ENV
+from tokmarg.launch.auth import match_cluster_auth
+from tokmarg.launch.waves import Waves
+from tokmarg.launch.waves import one_line as _one_line
 from tokmarg.rundir import RunError
 from tokmarg.worker import Partition, PartitionResult, Worker, WorkerSpec
 
-IN_FLIGHT_PER_ACTOR = 2  # one running, one queued behind it: no idle gap between partitions
-MAX_ATTEMPTS = 5  # failed attempts at one partition (beyond Ray's own retries) before the run gives up
 LATENCY_BOUNDS = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class RayWorker:
-    """The Ray actor: a :class:`Worker` plus its node and custom metrics."""
+    """The Ray actor: a :class:`Worker` plus its node, its GPUs and custom metrics."""
 
     def __init__(self, spec: WorkerSpec, replica: int) -> None:
         import ray
@@ -52,12 +50,24 @@ class RayWorker:
         for m in (self._samples, self._tokens, self._latency):
             m.set_default_tags(tags)
         ctx = ray.get_runtime_context()
-        self._where = {"actor": ctx.get_actor_name(), "node_id": ctx.get_node_id(), "replica": replica}
+        self._where = {
+            "actor": ctx.get_actor_name(),
+            "node_id": ctx.get_node_id(),
+            "replica": replica,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],  # Ray's ids of the GPUs reserved for it
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+        self._model, self._done, self._samples_done = spec.model.name, 0, 0
         self._error: str | None = None
         try:
+            _check_gpus(spec, self._where)
             self._worker: Worker | None = Worker(spec)
         except Exception as e:  # noqa: BLE001 - reported by ready(), so the driver fails in one line
             self._worker, self._error = None, _one_line(e)
+
+    def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it: where the run is
+        state = "failed to load" if self._error else f"{self._done} partitions, {self._samples_done} samples done"
+        return f"tokmarg {self._model} replica {self._where['replica']}: {state}"
 
     def ready(self) -> dict:
         if self._worker is None:
@@ -72,18 +82,25 @@ class RayWorker:
         self._samples.inc(len(part.samples))
         self._tokens.inc(res.tokens)
         self._latency.observe(time.perf_counter() - t0)
+        self._done += 1
+        self._samples_done += len(part.samples)
         res.worker.update(self._where)
         return res
 
 
-def _token_auth_for(address: str | None) -> None:
-    """Ray 2.60 sends its auth token to an explicit address only with RAY_AUTH_MODE=token set
-    before ``import ray``; set it when the user has a token and has not chosen a mode."""
-    if address in (None, "auto") or "RAY_AUTH_MODE" in os.environ:
+def _check_gpus(spec: WorkerSpec, where: dict) -> None:
+    """An actor given GPUs that sees no CUDA device would load the model on its CPU with
+    ``--device auto``: stop instead, naming the actor and node."""
+    if not where["gpu_ids"] or spec.model.device != "auto":
         return
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
-        os.environ["RAY_AUTH_MODE"] = "token"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"actor {where['actor']} on node {where['node_id'][:12]} was given GPU(s) {', '.join(where['gpu_ids'])} "
+            f"(CUDA_VISIBLE_DEVICES={where['cuda_visible_devices']}) but torch sees no CUDA device there; "
+            "install a CUDA build of torch on that node, or pass --device cpu"
+        )
 
 
 def fits(capacity: Sequence[float], need: float) -> int:
@@ -97,6 +114,15 @@ def fair_share(node_cpus: Sequence[float], n_actors: int) -> float:
         if fits(node_cpus, c) >= n_actors:
             return float(c)
     return 1.0
+
+
+def slots(nodes: Sequence[dict], gpus: float, cpus: float) -> int:
+    """How many actors of ``gpus`` GPUs and ``cpus`` CPUs the ``nodes`` hold at once."""
+    total = 0
+    for n in nodes:
+        res = n["Resources"]
+        total += min(fits([res.get("GPU", 0.0)], gpus), fits([res.get("CPU", 0.0)], cpus))
+    return total
 
 
 def _nodes() -> list[dict]:
@@ -122,18 +148,21 @@ class RayLauncher:
         if replicas < 1:
             raise RunError(f"--replicas {replicas}: must be >= 1")
         self.address = address
-        _token_auth_for(address)  # before the first `import ray`
+        self.auth_mode = match_cluster_auth(address)  # before the first `import ray`
         self.replicas = replicas
         self.gpus_per_actor = gpus_per_actor
         self.cpus_per_actor = cpus_per_actor
         self.max_restarts = max_restarts
         self.dashboard_host = dashboard_host
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))  # above the progress bars
         self.namespace = f"tokmarg-{uuid.uuid4().hex[:8]}"
         self.actors: dict[str, list] = {}  # model -> handles (index = replica)
         self.described: dict[str, dict] = {}  # actor name -> ready() info
         self.pids: dict[str, set[int]] = {}  # actor name -> pids seen (a restart shows a new pid)
         self.resources: dict = {}
+        self.slots = 0  # actors the nodes hold at once (set by start)
+        self.specs: list[WorkerSpec] = []
+        self.waves: list[dict] = []  # the models in the order they ran (Waves fills it)
         self.started_local = False
         self.connected = False  # this launcher called ray.init (so close() disconnects)
         self.dashboard_url = ""
@@ -165,7 +194,7 @@ class RayLauncher:
         self.log(f"{where}; dashboard: {self.dashboard_url or 'not running'}{token}; namespace {self.namespace}")
 
     def _resources(self, n_actors: int) -> tuple[float, float]:
-        """(GPUs, CPUs) per actor such that all ``n_actors`` fit on the nodes at once."""
+        """(GPUs, CPUs) per actor, and how many actors the nodes hold at once (``self.slots``)."""
         nodes = _nodes()
         node_gpus = [n["Resources"].get("GPU", 0.0) for n in nodes]
         node_cpus = [n["Resources"].get("CPU", 0.0) for n in nodes]
@@ -175,122 +204,51 @@ class RayLauncher:
             if self.cpus_per_actor is not None
             else (1.0 if gpus else fair_share(node_cpus, n_actors))
         )
-        short = [
-            f"{n_actors} actors x {need:g} {what} do not fit on the nodes' {have} {what}"
-            for what, need, have in (("GPU", gpus, node_gpus), ("CPU", cpus, node_cpus))
-            if need and fits(have, need) < n_actors
-        ]
-        if short:
-            msg = "; ".join(short) + " (lower --replicas, --gpus-per-actor or --cpus-per-actor)"
+        self.slots = slots(nodes, gpus, cpus)
+        if self.slots == 0:
+            biggest = ", ".join(
+                f"{n['Resources'].get('GPU', 0):g} GPU + {n['Resources'].get('CPU', 0):g} CPU" for n in nodes
+            )
+            msg = f"an actor needs {gpus:g} GPU + {cpus:g} CPU and no node has that (nodes: {biggest or 'none'})"
             if self.started_local:
-                raise RunError(msg)
+                raise RunError(msg + "; lower --gpus-per-actor or --cpus-per-actor")
             self.log(f"warning: {msg}; the actors wait until the cluster grows")
-        self.resources = {"gpus_per_actor": gpus, "cpus_per_actor": cpus, "nodes": len(nodes)}
+        elif self.slots < n_actors:
+            self.log(f"{n_actors} actors, {self.slots} at a time: models run in waves, the next as one finishes")
+        self.resources = {"gpus_per_actor": gpus, "cpus_per_actor": cpus, "nodes": len(nodes), "slots": self.slots}
         return gpus, cpus
 
     def start(self, specs: Sequence[WorkerSpec]) -> None:
+        """Join or start Ray and size the actors; they are created in :meth:`run`, as many at a
+        time as the nodes hold."""
         import ray
 
         self._init()
         gpus, cpus = self._resources(len(specs) * self.replicas)
-        cls = ray.remote(RayWorker)
-        refs = {}
-        for spec in specs:
-            spec = replace(spec, threads=max(1, int(cpus)), spread=gpus > 1)  # torch threads = its CPUs
-            handles = []
-            for r in range(self.replicas):
-                name = f"tokmarg/{spec.model.name}/{r}"
-                h = cls.options(
-                    name=name,
-                    num_cpus=cpus,
-                    num_gpus=gpus,
+        self._cls = ray.remote(RayWorker)
+        self._options = {"num_cpus": cpus, "num_gpus": gpus}
+        # torch threads = its CPUs; a model over several GPUs when an actor has them
+        self.specs = [replace(spec, threads=max(1, int(cpus)), spread=gpus > 1) for spec in specs]
+
+    def _create(self, spec: WorkerSpec) -> list:
+        handles = []
+        for r in range(self.replicas):
+            handles.append(
+                self._cls.options(
+                    name=f"tokmarg/{spec.model.name}/{r}",
                     max_restarts=self.max_restarts,
                     max_task_retries=self.max_restarts,
+                    **self._options,
                 ).remote(spec, r)
-                handles.append(h)
-                refs[h.ready.remote()] = name
-            self.actors[spec.model.name] = handles
-        self.log(
-            f"{len(refs)} actor(s), {gpus:g} GPU and {cpus:g} CPU each: loading "
-            + ", ".join(f"{m} x{len(h)}" for m, h in self.actors.items())
-        )
-        t0 = time.monotonic()
-        while refs:
-            done, _ = ray.wait(list(refs), num_returns=1, timeout=30)  # a model that fails, fails at once
-            if not done:
-                self.log(
-                    f"waiting for {', '.join(sorted(refs.values()))} ({time.monotonic() - t0:.0f} s): "
-                    "loading, or waiting for cluster resources"
-                )
-                continue
-            for ref in done:
-                name = refs.pop(ref)
-                try:
-                    info = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    raise RunError(f"actor {name} could not start ({_one_line(e)})") from None
-                if info.get("error"):
-                    from tokmarg.models import ModelError
-
-                    raise ModelError(info["error"])
-                self.described[name] = info
-                self.pids.setdefault(name, set()).add(info["pid"])
+            )
+        self.actors[spec.model.name] = handles
+        return handles
 
     # ----------------------------------------------------------------------------- run
-    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:
-        import ray
-
-        queues = {m: deque(p for mm, p in work if mm == m) for m in self.actors}
-        alive = {(m, r) for m, hs in self.actors.items() for r in range(len(hs))}
-        load = dict.fromkeys(alive, 0)
-        inflight: dict = {}  # ref -> (model, replica, partition)
-        attempts: dict[tuple[str, int], int] = {}  # (model, partition) -> failed attempts
-
-        def feed(key: tuple[str, int]) -> None:
-            m, r = key
-            while key in alive and load[key] < IN_FLIGHT_PER_ACTOR and queues[m]:
-                part = queues[m].popleft()
-                inflight[self.actors[m][r].run_partition.remote(part)] = (m, r, part)
-                load[key] += 1
-
-        def retry(m: str, part: Partition, why: BaseException) -> int:
-            n = attempts[(m, part.index)] = attempts.get((m, part.index), 0) + 1
-            if n > MAX_ATTEMPTS:
-                raise RunError(
-                    f"model {m!r}, partition {part.index}: failed {n} times (last: {type(why).__name__}: "
-                    f"{_one_line(why)}); finished partitions are kept"
-                ) from None
-            queues[m].appendleft(part)
-            return n
-
-        for key in sorted(alive):
-            feed(key)
-        while inflight:
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=5)
-            for ref in done:
-                m, r, part = inflight.pop(ref)
-                load[(m, r)] -= 1
-                name = f"tokmarg/{m}/{r}"
-                try:
-                    res = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    raise _task_error(name, part, e) from None
-                except ray.exceptions.ActorDiedError as e:  # restarts used up: the other replicas take over
-                    alive.discard((m, r))
-                    self.log(f"warning: actor {name} is gone after {self.max_restarts} restart(s): {_one_line(e)}")
-                    if not any(k[0] == m for k in alive):
-                        raise RunError(
-                            f"model {m!r}: every actor died (last: {_one_line(e)}); finished partitions are kept"
-                        ) from None
-                    retry(m, part, e)
-                except ray.exceptions.RayError as e:  # unavailable while restarting, a lost result, a node gone
-                    # back off (2, 4, ... 30 s) so that a restarting actor is back before it gets the partition again
-                    time.sleep(min(30.0, 2.0 ** retry(m, part, e)))
-                else:
-                    self.pids.setdefault(name, set()).add(res.worker["pid"])
-                    on_result(res)
-                for k in sorted(alive):
-                    feed(k)
+    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult, on_state: OnState | None = None) -> None:
+        """Score ``work``: models in order, as many actors at a time as fit; a model's actors are
+        released once its last partition is written, and the next model's are created."""
+        Waves(self, work, on_result, on_state or (lambda _m, _s: None)).run()
 
     # ----------------------------------------------------------------------------- report
     def info(self) -> dict:
@@ -305,7 +263,9 @@ class RayLauncher:
             "namespace": self.namespace,
             "replicas": self.replicas,
             "max_restarts": self.max_restarts,
+            "auth_mode": os.environ.get(AUTH_ENV, "ray default"),  # as this driver connected
             **self.resources,
+            "waves": self.waves,
             "actors": actors,
         }
 
@@ -333,7 +293,7 @@ class RayLauncher:
             self.connected = False
 
 
-def _task_error(name: str, part: Partition, e: BaseException) -> BaseException:
+def task_error(name: str, part: Partition, e: BaseException) -> BaseException:
     """An exception raised inside a partition: our own one-line errors pass through as they are."""
     from tokmarg.engine import EngineError
     from tokmarg.models import ModelError

@@ -6,7 +6,7 @@ import gc
 from collections.abc import Sequence
 from dataclasses import replace
 
-from tokmarg.launch import OnResult
+from tokmarg.launch import OnResult, OnState
 from tokmarg.worker import Partition, Worker, WorkerSpec
 
 
@@ -22,17 +22,21 @@ class LocalLauncher:
         # models load one at a time in run(), so that only one is resident
         self.specs = {s.model.name: s for s in specs}
 
-    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult) -> None:
+    def run(self, work: Sequence[tuple[str, Partition]], on_result: OnResult, on_state: OnState | None = None) -> None:
+        state = on_state or (lambda _m, _s: None)
         for model, spec in self.specs.items():
             parts = [p for m, p in work if m == model]
             if not parts:
                 continue
             if self.threads:
                 spec = replace(spec, threads=self.threads)
+            state(model, "loading")
             worker = Worker(spec)
             self.workers.append(worker.describe())
+            state(model, "running")
             for part in parts:
                 on_result(worker.run_partition(part))
+            state(model, "done")
             del worker
             gc.collect()
 
