@@ -14,6 +14,8 @@ RAY_BIN="${RAY:-ray}"
 HEAD_PORT="${TOKMARG_RAY_PORT:-6379}"
 NODE_CPUS="${TOKMARG_NODE_CPUS:-1}"
 NODE_GPUS="${TOKMARG_NODE_GPUS:-0}"
+HEAD_CPUS="${TOKMARG_HEAD_CPUS:-$NODE_CPUS}"
+HEAD_GPUS="${TOKMARG_HEAD_GPUS:-$NODE_GPUS}"
 DASHBOARD_PORT="${TOKMARG_DASHBOARD_PORT:-8265}"
 CLIENT_PORT="${TOKMARG_CLIENT_PORT:-10001}"
 PORT_BASE="${TOKMARG_PORT_BASE:-20000}"
@@ -27,12 +29,14 @@ ADDRESS="127.0.0.1:${HEAD_PORT}"
 
 usage() {
     cat >&2 <<EOF
-usage: $0 start [N_WORKERS] | status | stop
+usage: $0 start [N_WORKERS] | status | stop | kill-node I
 
   start [N]  start a head node and N worker nodes (default 1) on this machine, each a separate
              Ray node (\`ray start\`) with its own ports; print the address for
              \`tokmarg eval --address ${ADDRESS}\`.
   status     show the nodes of the running cluster (\`ray status\`).
+  kill-node I  SIGKILL worker node I (1..N): its raylet and every process it started, as when a
+             machine is lost; the rest of the cluster keeps running.
   stop       stop every process of this cluster, and only those: processes are found by the
              ${MARKER%%=*} variable they inherit (Linux /proc). Other Ray clusters
              on this machine are left alone. Without /proc it falls back to \`ray stop\`,
@@ -43,6 +47,8 @@ Settings (environment variables, defaults in brackets):
   TOKMARG_RAY_PORT         head (GCS) port [6379]; the address is 127.0.0.1:PORT
   TOKMARG_NODE_CPUS        CPUs each node advertises [1]
   TOKMARG_NODE_GPUS        GPUs each node advertises [0]
+  TOKMARG_HEAD_CPUS        CPUs the head advertises [TOKMARG_NODE_CPUS]; 0 keeps work off it
+  TOKMARG_HEAD_GPUS        GPUs the head advertises [TOKMARG_NODE_GPUS]
   TOKMARG_DASHBOARD_PORT   dashboard / job API port, bound to 127.0.0.1 only [8265]
   TOKMARG_CLIENT_PORT      Ray client server port of the head [10001]
   TOKMARG_PORT_BASE        node i (head = 0) uses ports BASE+100*i .. BASE+100*i+99 for its
@@ -201,7 +207,7 @@ stop_cluster() {
 start_cluster() {
     local n_workers="${1:-1}"
     is_uint "$n_workers" || die "N_WORKERS must be a non-negative integer, got '${n_workers}'"
-    for v in HEAD_PORT NODE_CPUS NODE_GPUS DASHBOARD_PORT CLIENT_PORT PORT_BASE OBJECT_STORE_MB \
+    for v in HEAD_PORT NODE_CPUS NODE_GPUS HEAD_CPUS HEAD_GPUS DASHBOARD_PORT CLIENT_PORT PORT_BASE OBJECT_STORE_MB \
         START_TIMEOUT STOP_TIMEOUT; do
         is_uint "${!v}" || die "${v} must be a non-negative integer, got '${!v}'"
     done
@@ -216,12 +222,14 @@ start_cluster() {
     local ray_dir
     ray_dir="$(dirname "$(command -v "$RAY_BIN")")"
 
-    local common=(--num-cpus "$NODE_CPUS" --num-gpus "$NODE_GPUS" --temp-dir "$TEMP_DIR"
-        --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024)) --disable-usage-stats)
+    local common=(--temp-dir "$TEMP_DIR" --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024))
+        --disable-usage-stats)
+    local node=(--num-cpus "$NODE_CPUS" --num-gpus "$NODE_GPUS")
     local log="${TEMP_DIR}/tokmarg_node_0.log"
-    echo "local_cluster.sh: starting head node (port ${HEAD_PORT}, ${NODE_CPUS} CPU, log ${log})"
+    echo "local_cluster.sh: starting head node (port ${HEAD_PORT}, ${HEAD_CPUS} CPU, ${HEAD_GPUS} GPU, log ${log})"
     # shellcheck disable=SC2046
     if ! env "$MARKER" PATH="${ray_dir}:${PATH}" "$RAY_BIN" start --head --port "$HEAD_PORT" "${common[@]}" \
+        --num-cpus "$HEAD_CPUS" --num-gpus "$HEAD_GPUS" \
         --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
         --ray-client-server-port "$CLIENT_PORT" $(node_port_args 0) >"$log" 2>&1; then
         tail -n 20 "$log" >&2
@@ -234,7 +242,7 @@ start_cluster() {
         echo "local_cluster.sh: starting worker node ${i}/${n_workers} (${NODE_CPUS} CPU, log ${log})"
         # shellcheck disable=SC2046
         if ! env "$MARKER" PATH="${ray_dir}:${PATH}" "$RAY_BIN" start --address "$ADDRESS" "${common[@]}" \
-            $(node_port_args "$i") >"$log" 2>&1; then
+            "${node[@]}" $(node_port_args "$i") >"$log" 2>&1; then
             tail -n 20 "$log" >&2
             stop_cluster >/dev/null 2>&1 || true
             die "worker node ${i} did not start (full log: ${log})"
@@ -277,6 +285,29 @@ TOKMARG_RAY_ADDRESS=${ADDRESS}
 EOF
 }
 
+# SIGKILL worker node $1: its raylet (found by its node-manager port) and all its descendants.
+kill_node() {
+    local i="$1"
+    is_uint "$i" && ((i >= 1)) || die "kill-node takes a worker node number (1..N), got '${i}'"
+    have_proc && command -v ps >/dev/null 2>&1 || die "kill-node needs /proc and ps"
+    local port=$((PORT_BASE + 100 * i)) raylet="" pid
+    for pid in $(cluster_pids); do
+        if tr '\0' ' ' <"/proc/${pid}/cmdline" 2>/dev/null | grep -q -- "raylet.*--node_manager_port=${port}\b"; then
+            raylet="$pid"
+        fi
+    done
+    [[ -n "$raylet" ]] || die "no worker node ${i} (node manager port ${port}) in the cluster at ${ADDRESS}"
+    local tree
+    tree="$(ps -e -o pid= -o ppid= | awk -v root="$raylet" '
+        { parent[$1] = $2 } END {
+            keep[root] = 1; changed = 1
+            while (changed) { changed = 0; for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; changed = 1 } }
+            for (p in keep) print p }' | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    kill -KILL $tree 2>/dev/null || true
+    echo "local_cluster.sh: killed worker node ${i} (raylet ${raylet} and $(($(wc -w <<<"$tree") - 1)) process(es) it started)"
+}
+
 status_cluster() {
     if have_proc && [[ -z "$(cluster_pids)" ]]; then
         echo "local_cluster.sh: no cluster running for ${TEMP_DIR} (port ${HEAD_PORT})"
@@ -295,6 +326,10 @@ case "${1:-}" in
 start)
     (($# <= 2)) || { usage; exit 2; }
     start_cluster "${2:-1}"
+    ;;
+kill-node)
+    (($# == 2)) || { usage; exit 2; }
+    kill_node "$2"
     ;;
 stop)
     (($# == 1)) || { usage; exit 2; }

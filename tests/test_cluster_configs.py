@@ -200,7 +200,9 @@ def test_scripts_parse(script):
 
 
 @needs_bash
-@pytest.mark.parametrize("args", [[], ["bogus"], ["start", "1", "extra"], ["stop", "now"]], ids=repr)
+@pytest.mark.parametrize(
+    "args", [[], ["bogus"], ["start", "1", "extra"], ["stop", "now"], ["kill-node"], ["kill-node", "1", "2"]], ids=repr
+)
 def test_local_cluster_usage_on_bad_arguments(args, tmp_path):
     # RAY points nowhere: the usage path must not need Ray (and must not start anything).
     env = {"PATH": "/usr/bin:/bin", "RAY": str(tmp_path / "no-ray"), "HOME": str(tmp_path)}
@@ -216,6 +218,15 @@ def test_local_cluster_rejects_bad_worker_count(tmp_path):
     proc = subprocess.run([BASH, str(LOCAL), "start", "two"], capture_output=True, text=True, env=env, timeout=10)
     assert proc.returncode != 0
     assert "N_WORKERS" in proc.stderr
+
+
+@needs_bash
+@pytest.mark.parametrize("node", ["0", "head", "-1"])
+def test_local_cluster_kill_node_takes_a_worker_number(node, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "RAY": str(tmp_path / "no-ray"), "HOME": str(tmp_path)}
+    proc = subprocess.run([BASH, str(LOCAL), "kill-node", node], capture_output=True, text=True, env=env, timeout=10)
+    assert proc.returncode != 0
+    assert "worker node number" in proc.stderr
 
 
 @needs_bash

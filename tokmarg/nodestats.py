@@ -201,6 +201,36 @@ def _block_max(logits: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def _first_max(e: torch.Tensor, block_max: torch.Tensor | None, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's largest ``e`` and its first id (lowest among ties), like ``e.max(-1)``.  With
+    ``block_max`` (the logits' block maxima, ``top`` their row maxima) only one block per row is
+    read: the first block whose maximum gives the row's largest ``e`` holds its first id."""
+    if block_max is None:
+        return e.max(dim=-1)
+    vocab = e.shape[-1]
+    eb = (block_max - top).clamp_(min=-87.0).exp_()  # e of each block's maximum, as e was computed
+    first = torch.argmax(eb, dim=-1, keepdim=True)  # argmax: the first occurrence of the maximum
+    ids = first * _BLOCK + torch.arange(_BLOCK, device=e.device)  # (r, _BLOCK)
+    vals = e.gather(-1, ids.clamp(max=vocab - 1)).masked_fill_(ids >= vocab, -1.0)
+    v, j = vals.max(dim=-1)
+    return v, ids.gather(-1, j[:, None])[:, 0]
+
+
+def _scratch(spec: RowSpec, like: torch.Tensor, name: str, rows: int | None = None) -> torch.Tensor | None:
+    """A (rows, vocab) float32 buffer kept between calls on a CPU (a fresh 10 MB array costs its
+    page faults on every call, more than the arithmetic); None on other devices, whose
+    allocators keep their memory anyway (``out=None`` then allocates)."""
+    if like.device.type != "cpu":
+        return None
+    shape = (like.shape[0] if rows is None else rows, like.shape[-1])
+    n = shape[0] * shape[1]
+    key = ("scratch", name)
+    buf = spec._on.get(key)
+    if buf is None or buf.numel() < n:
+        buf = spec._on[key] = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(shape)
+
+
 def _sorted_topk(
     probs: torch.Tensor, k: int, block_max: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +352,7 @@ def reduce_rows(
     # Unnormalised probabilities e = exp(logit - max), in [exp(-87), 1]: a logit more than 87
     # below the maximum is raised to that floor (a subnormal exponential is very slow on a CPU;
     # the floor adds nothing to a float32 sum >= 1). A probability is e / total.
-    e = (logits - top).clamp_(min=-87.0).exp_()  # (R, V)
+    e = torch.sub(logits, top, out=_scratch(spec, logits, "e")).clamp_(min=-87.0).exp_()  # (R, V)
     # reductions (pairwise, accurate), not a matmul: a float32 dot product over 128k values loses
     # 1e-4 of a peaked row's sum, and a TF32 setting would round it further
     total = e.sum(dim=-1)  # (R,)
@@ -331,7 +361,8 @@ def reduce_rows(
     b_rows = [r for r, n in enumerate(needs) if n.boundary]
     if b_rows:
         sel = _select(b_rows, dev)
-        b_mass[sel] = (e[sel] * boundary).sum(dim=-1) * inv[sel]
+        masked = torch.mul(e[sel], boundary, out=_scratch(spec, logits, "boundary", len(b_rows)))
+        b_mass[sel] = masked.sum(dim=-1) * inv[sel]
     lse = top[:, 0] + torch.log(total)
     scalars = torch.cat([lse[:, None], b_mass[:, None], e[:, eos_ids] * inv[:, None]], dim=1)  # (R, 2 + E)
     host: list[torch.Tensor] = [scalars]
@@ -341,7 +372,7 @@ def reduce_rows(
     top1_rows = [r for r, n in enumerate(needs) if n.top1 and not n.nuclei]
     if top1_rows:
         sel = _select(top1_rows, dev)
-        v, i = e[sel].max(dim=-1)  # the first maximum: lowest id among ties
+        v, i = _first_max(e[sel], None if block_max is None else block_max[sel], top[sel])
         host += [v * inv[sel], i]
     cuts: list[_Cut] = []
     pending = [r for r, n in enumerate(needs) if n.nuclei]

@@ -37,6 +37,7 @@ IN_FLIGHT_PER_ACTOR = 2  # one running, one queued behind it: no idle gap betwee
 MAX_ATTEMPTS = 5  # failed attempts at one partition (beyond Ray's own retries) before the run gives up
 GATE_S = 120.0  # the longest the first wave's loaded models wait for its other models to load
 LOST_GRACE_S = 20.0  # how long no node may be able to hold an actor before the run stops
+RELEASE_WAIT_S = 3.0  # how long a finished model's last loading replicas may take to report
 NODE_CHECK_S = 2.0  # how often the loop looks for dead nodes
 WAIT_LOG_S = 30.0  # how often it says what it waits for
 
@@ -90,6 +91,15 @@ class Waves:
         """Its last partition is written: free its actors' resources for the next model."""
         import ray
 
+        late = [ref for ref, k in self.readying.items() if k[0] == m]
+        if late:  # replicas about to be ready: a moment, so that the manifest says where they ran
+            for ref in ray.wait(late, num_returns=len(late), timeout=RELEASE_WAIT_S)[0]:
+                key = self.readying.pop(ref)
+                try:
+                    info = ray.get(ref)
+                    self.l.described[f"tokmarg/{m}/{key[1]}"] = {**info, "ready": True}
+                except Exception:  # noqa: BLE001 - it did not start: nothing to record
+                    pass
         for r, h in enumerate(self.l.actors.get(m, [])):
             key = (m, r)
             name = f"tokmarg/{m}/{r}"
@@ -153,7 +163,7 @@ class Waves:
         if n > MAX_ATTEMPTS:
             text = why if isinstance(why, str) else f"{type(why).__name__}: {one_line(why)}"
             raise RunError(
-                f"model {m!r}, partition {part.index}: failed {n} times (last: {text}); finished partitions are kept"
+                f"model {m!r}, partition {part.index}: failed {n} times (last: {text})"
             ) from None
         if part.index in self.todo[m] and all(p.index != part.index for p in self.queues[m]):
             self.queues[m].appendleft(part)
@@ -178,7 +188,7 @@ class Waves:
             self.l.log(f"warning: actor {name} is gone after {self.l.max_restarts} restart(s): {one_line(e)}")
             if not any(k[0] == m for k in self.alive):
                 raise RunError(
-                    f"model {m!r}: every actor died (last: {one_line(e)}); finished partitions are kept"
+                    f"model {m!r}: every actor died (last: {one_line(e)})"
                 ) from None
             self._retry(m, part, e)
         except ray.exceptions.RayError as e:  # unavailable while restarting, a lost result, a node gone
@@ -223,7 +233,7 @@ class Waves:
         elif time.monotonic() - self.no_room_since > LOST_GRACE_S:
             need = f"{opts['num_gpus']:g} GPU + {opts['num_cpus']:g} CPU"
             models = ", ".join(m for m in self.todo if self.todo[m])
-            raise RunError(f"no node left can hold an actor ({need}) for {models}; finished partitions are kept")
+            raise RunError(f"no node left can hold an actor ({need}) for {models}: the cluster lost nodes")
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
