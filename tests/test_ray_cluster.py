@@ -270,7 +270,7 @@ def test_gpus_one_model_each_and_shared_halves(inputs, tiny_models, tmp_path: Pa
             if a["ready"]:
                 (gpu,) = a["gpu_ids"]
                 per_gpu[gpu] = per_gpu.get(gpu, 0) + 1
-        assert set(per_gpu) <= {"0", "1"} and max(per_gpu.values()) <= 2 and sum(per_gpu.values()) >= 2
+        assert per_gpu == {"0": 2, "1": 2}, launch["actors"]  # every actor ran, two on each GPU
 
         out = tmp_path / "auto"
         res = _eval(tiny_models[:1], inputs, out, "--address", address, "--gpus-per-actor", "1")
@@ -320,13 +320,27 @@ def test_lost_node_costs_nothing_and_no_node_left_stops_in_one_line(inputs, tmp_
 # ---------------------------------------------------------------- the packaged defaults
 
 
+def _raylets() -> int:
+    return len(subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True).stdout.split())
+
+
 def test_eval_from_an_empty_directory_uses_the_packaged_defaults(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
+    before = _raylets()
     res = _tokmarg(["eval", "--limit", "2", "--no-progress", "--no-report", "--out", "run"], cwd=empty)
     assert res.returncode == 0, res.stderr
+    _wait_for(lambda: _raylets() <= before, 30)  # the local instance the run started is gone with it
     manifest = json.loads((empty / "run" / "manifest.json").read_text())
     assert manifest["inputs_from"] == {"params": "packaged defaults", "dataset": "packaged defaults"}
     assert manifest["n_samples"] == 2 and manifest["launch"]["launcher"] == "ray"
     res = _tokmarg(["validate"], cwd=empty)
     assert res.returncode == 0 and "packaged defaults" in res.stdout
+
+
+def test_an_actor_no_node_can_hold_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A local instance: more actors than the cores is fine (waves), one that fits nowhere is not."""
+    res = _tokmarg(["eval", "--limit", "2", "--cpus-per-actor", "64", "--out", str(tmp_path / "run")])
+    line = _one_error_line(res)
+    assert "an actor needs 0 GPU + 64 CPU and no node has that" in line and "--cpus-per-actor" in line
+    assert not (tmp_path / "run").exists()

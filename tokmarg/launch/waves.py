@@ -243,7 +243,11 @@ class Waves:
         while any(self.todo.values()):
             self._feed()
             refs = [*self.inflight, *self.readying]
-            done = ray.wait(refs, num_returns=1, timeout=NODE_CHECK_S)[0] if refs else []
+            if refs:
+                done = ray.wait(refs, num_returns=1, timeout=NODE_CHECK_S)[0]
+            else:  # nothing to wait on (every actor of ours gone): only _check_nodes can end this
+                done = []
+                time.sleep(NODE_CHECK_S)
             for ref in done:
                 if ref in self.readying:
                     self._on_ready(ref, self.readying.pop(ref))
