@@ -162,9 +162,7 @@ class Waves:
         n = self.attempts[(m, part.index)] = self.attempts.get((m, part.index), 0) + 1
         if n > MAX_ATTEMPTS:
             text = why if isinstance(why, str) else f"{type(why).__name__}: {one_line(why)}"
-            raise RunError(
-                f"model {m!r}, partition {part.index}: failed {n} times (last: {text})"
-            ) from None
+            raise RunError(f"model {m!r}, partition {part.index}: failed {n} times (last: {text})") from None
         if part.index in self.todo[m] and all(p.index != part.index for p in self.queues[m]):
             self.queues[m].appendleft(part)
         return n
@@ -187,9 +185,7 @@ class Waves:
             self.ready.pop((m, r), None)
             self.l.log(f"warning: actor {name} is gone after {self.l.max_restarts} restart(s): {one_line(e)}")
             if not any(k[0] == m for k in self.alive):
-                raise RunError(
-                    f"model {m!r}: every actor died (last: {one_line(e)})"
-                ) from None
+                raise RunError(f"model {m!r}: every actor died (last: {one_line(e)})") from None
             self._retry(m, part, e)
         except ray.exceptions.RayError as e:  # unavailable while restarting, a lost result, a node gone
             # back off (2, 4, ... 30 s) so that a restarting actor is back before it gets the partition again
