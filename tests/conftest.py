@@ -32,6 +32,28 @@ CORPUS = [
 ] * 20
 
 
+# short paths, so that end-to-end runs (CLI, Ray) stay fast
+RUN_PARAMS = """
+strategies:
+  greedy_generation: {max_new_tokens: 4}
+  token_probability: {max_new_tokens: 4}
+  marginal_probability_at_fixed_place: {max_new_tokens: 4}
+  marginal_probability_at_any_place: {max_new_tokens: 3, eps: 0.05, top_p: 0.9}
+  probability_uncertainty: {}
+  entropy_uncertainty: {}
+  LogTokU: {}
+"""
+
+
+def write_run_inputs(d: Path, n: int, params: str = RUN_PARAMS) -> tuple[Path, Path]:
+    """The first ``n`` rows of the shipped sample and a params file, for end-to-end runs."""
+    repo = Path(__file__).resolve().parents[1]
+    lines = (repo / "datasets" / "sample.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    (d / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (d / "params.yaml").write_text(params, encoding="utf-8")
+    return d / "data.jsonl", d / "params.yaml"
+
+
 def build_tiny_model(path: Path, seed: int = 0, train_steps: int = 0) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -35,16 +35,6 @@ CLUSTER_ENV = {
     "TOKMARG_NODE_CPUS": "1",
     "RAY": str(Path(sys.executable).parent / "ray"),
 }
-PARAMS = """
-strategies:
-  greedy_generation: {max_new_tokens: 4}
-  token_probability: {max_new_tokens: 4}
-  marginal_probability_at_fixed_place: {max_new_tokens: 4}
-  marginal_probability_at_any_place: {max_new_tokens: 3, eps: 0.05, top_p: 0.9}
-  probability_uncertainty: {}
-  entropy_uncertainty: {}
-  LogTokU: {}
-"""
 N = 12  # samples
 
 
@@ -66,11 +56,9 @@ def cluster() -> str:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("ray-inputs")
-    lines = (REPO / "datasets" / "sample.jsonl").read_text(encoding="utf-8").splitlines()[:N]
-    (d / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (d / "params.yaml").write_text(PARAMS, encoding="utf-8")
-    return d / "data.jsonl", d / "params.yaml"
+    from conftest import write_run_inputs
+
+    return write_run_inputs(tmp_path_factory.mktemp("ray-inputs"), N)
 
 
 def _args(models: list[str], inputs: tuple[Path, Path], out: Path, *extra: str) -> list[str]:

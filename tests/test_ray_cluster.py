@@ -25,16 +25,6 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
 RAY = str(Path(sys.executable).parent / "ray")
-PARAMS = """
-strategies:
-  greedy_generation: {max_new_tokens: 3}
-  token_probability: {max_new_tokens: 3}
-  marginal_probability_at_fixed_place: {max_new_tokens: 3}
-  marginal_probability_at_any_place: {max_new_tokens: 2, eps: 0.05, top_p: 0.9}
-  probability_uncertainty: {}
-  entropy_uncertainty: {}
-  LogTokU: {}
-"""
 N = 12
 SMOL = "smollm2-135m-instruct"
 
@@ -74,11 +64,9 @@ def local_cluster(port: int, workers: int, **extra: str):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("ray-cluster-inputs")
-    lines = (REPO / "datasets" / "sample.jsonl").read_text(encoding="utf-8").splitlines()[:N]
-    (d / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (d / "params.yaml").write_text(PARAMS, encoding="utf-8")
-    return d / "data.jsonl", d / "params.yaml"
+    from conftest import write_run_inputs
+
+    return write_run_inputs(tmp_path_factory.mktemp("ray-cluster-inputs"), N)
 
 
 @pytest.fixture(scope="module")
