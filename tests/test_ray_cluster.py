@@ -222,7 +222,9 @@ def test_ray_job_submit_then_stop_and_resume(two_nodes, inputs, tiny_models, tmp
 
 
 def test_cluster_without_token_auth_while_a_token_file_exists(inputs, tiny_models, tmp_path: Path) -> None:
-    assert Path("~/.ray/auth_token").expanduser().is_file()  # written by the token clusters' start
+    # the case of the issue: a token left by any earlier local Ray start (made here if missing)
+    subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, timeout=60)
+    assert Path("~/.ray/auth_token").expanduser().is_file()
     with local_cluster(6402, 1, RAY_AUTH_MODE="disabled") as (address, _):
         out = tmp_path / "run"
         res = _eval(tiny_models[:1], inputs, out, "--address", address, "--replicas", "2")
