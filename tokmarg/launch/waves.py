@@ -96,8 +96,7 @@ class Waves:
             for ref in ray.wait(late, num_returns=len(late), timeout=RELEASE_WAIT_S)[0]:
                 key = self.readying.pop(ref)
                 try:
-                    info = ray.get(ref)
-                    self.l.described[f"tokmarg/{m}/{key[1]}"] = {**info, "ready": True}
+                    self._record(key, ray.get(ref))
                 except Exception:  # noqa: BLE001 - it did not start: nothing to record
                     pass
         for r, h in enumerate(self.l.actors.get(m, [])):
@@ -121,6 +120,12 @@ class Waves:
     def _entry(self, m: str) -> dict:
         return next(e for e in reversed(self.order) if e["model"] == m)
 
+    def _record(self, key: Key, info: dict) -> None:
+        """What the manifest says of a replica that became ready."""
+        name = f"tokmarg/{key[0]}/{key[1]}"
+        self.l.described[name] = {**info, "ready": True}
+        self.l.pids.setdefault(name, set()).add(info["pid"])
+
     def _on_ready(self, ref: object, key: Key) -> None:
         import ray
 
@@ -136,8 +141,7 @@ class Waves:
             from tokmarg.models import ModelError
 
             raise ModelError(info["error"])
-        self.l.described[name] = {**info, "ready": True}
-        self.l.pids.setdefault(name, set()).add(info["pid"])
+        self._record(key, info)
         self.gate.discard(m)
         self.gate_since = self.gate_since or time.monotonic()
         if key in self.alive:
