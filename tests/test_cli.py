@@ -95,7 +95,9 @@ def test_eval_writes_run_directory(tiny_model_dir: Path, files, tmp_path: Path, 
     tree = pred[pred.strategy == "marginal_probability_at_any_place"]
     if semantics == "exact":
         for _, r in tree.iterrows():
-            scores, by_label = json.loads(r.scores), json.loads(r.unexplored_by_label)
+            # typed columns (SPEC §6): struct cells read as dicts, a label without a score is None
+            scores = {k: v for k, v in r.scores.items() if v is not None}
+            by_label = r.unexplored_by_label
             for label, s in scores.items():
                 assert 0.0 <= s <= 1.0 + 1e-9
                 assert s + by_label[label] <= 1.0 + 1e-6

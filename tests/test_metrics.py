@@ -82,7 +82,7 @@ def test_ece_and_brier_hand_case() -> None:
     assert m["ece"] == pytest.approx(0.45)
     # Brier = (.05^2 + .9^2 + .5^2 + .05^2 + 1^2 + .3^2) / 6 = (.0025 + .81 + .25 + .0025 + 1 + .09) / 6
     assert m["brier"] == pytest.approx(2.155 / 6)
-    assert all(math.isnan(m[f"{h}_{e}"]) for h in HEADLINE for e in ("lo", "hi"))  # n_boot=0
+    assert all(math.isnan(m[f"{h}_{e}"]) for h, _ in HEADLINE for e in ("lo", "hi"))  # n_boot=0
 
 
 def test_no_scores_gives_nan_score_metrics(random_case) -> None:
@@ -147,7 +147,7 @@ def test_bootstrap_brackets_and_deterministic(random_case) -> None:
     a = compute_metrics(y_true, y_pred, y_score, codes=CODES, n_boot=200, seed=7)
     b = compute_metrics(y_true, y_pred, y_score, codes=CODES, n_boot=200, seed=7)
     c = compute_metrics(y_true, y_pred, y_score, codes=CODES, n_boot=200, seed=8)
-    for h in HEADLINE:
+    for h, _ in HEADLINE:
         assert a[f"{h}_lo"] <= a[h] <= a[f"{h}_hi"]
         assert a[f"{h}_lo"] < a[f"{h}_hi"]
         assert (a[f"{h}_lo"], a[f"{h}_hi"]) == (b[f"{h}_lo"], b[f"{h}_hi"])

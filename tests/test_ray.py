@@ -128,7 +128,7 @@ def test_two_models_on_two_nodes_match_one_process(cluster: str, inputs, tiny_mo
     assert f"Ray cluster at {cluster}; dashboard: http://127.0.0.1:8291" in log
     assert "f1_micro (higher is better)" in log  # the strategy x model table
     manifest = json.loads((out / "manifest.json").read_text())
-    actors = manifest["launch"]["actors"]
+    actors = manifest["launch"]["workers"]
     assert sorted(a["actor"] for a in actors) == sorted(f"tokmarg/{m}/0" for m in models)
     assert len({a["node_id"] for a in actors}) == 2  # one actor per node: 1 CPU each
     assert all(a["threads"] == 1 for a in actors)
@@ -164,7 +164,7 @@ def test_killed_actor_is_restarted_and_nothing_is_lost(cluster: str, inputs, tmp
     log = _finish(proc)
     _assert_exactly_once(out, [SMOL])
     assert len(_parts(out)) == N // 2
-    (actor,) = json.loads((out / "manifest.json").read_text())["launch"]["actors"]
+    (actor,) = json.loads((out / "manifest.json").read_text())["launch"]["workers"]
     assert pids[0] in actor["pids_seen"] and len(actor["pids_seen"]) == 2, log
     assert actor["num_restarts"] >= 1
 
@@ -226,8 +226,8 @@ def test_local_ray_instance_with_two_cpu_actors(inputs, tiny_model_dir: Path, tm
     log = _finish(_driver(_args([str(tiny_model_dir)], inputs, out, "--replicas", "2", "--partition-size", "2")))
     assert "local Ray instance; dashboard: http://127.0.0.1:" in log
     launch = json.loads((out / "manifest.json").read_text())["launch"]
-    assert launch["address"] == "local" and len(launch["actors"]) == 2  # one may be released before it was ready
-    assert any(a["ready"] for a in launch["actors"]) and launch["slots"] == 2
+    assert launch["address"] == "local" and len(launch["workers"]) == 2  # one may be released before it was ready
+    assert any(a["ready"] for a in launch["workers"]) and launch["slots"] == 2
     assert launch["cpus_per_actor"] * 2 <= os.cpu_count()  # CPU actors share the cores, no oversubscription
     _assert_exactly_once(out, [str(tiny_model_dir)])
 

@@ -152,7 +152,7 @@ def test_three_models_on_two_one_cpu_nodes_run_in_waves(two_nodes, inputs, tiny_
     assert [w["model"] for w in order] == tiny_models  # in the order given
     # the third model's actor was created only once one of the first two had finished
     assert order[2]["created"] >= min(order[0]["finished"], order[1]["finished"])
-    assert len({a["node_id"] for a in launch["actors"]}) == 2
+    assert len({a["node_id"] for a in launch["workers"]}) == 2
     # the dashboard's Actors page shows each actor's repr: its model and progress
     env = {**two_nodes[1], "RAY_AUTH_MODE": "token"}
     dash = f"http://127.0.0.1:{env['TOKMARG_DASHBOARD_PORT']}"
@@ -170,7 +170,7 @@ def test_three_replicas_on_two_one_cpu_nodes(two_nodes, inputs, tiny_models, tmp
                 "--partition-size", "2")  # fmt: skip
     assert res.returncode == 0, res.stderr
     _exactly_once(out, tiny_models[:1])
-    actors = _launch(out)["actors"]
+    actors = _launch(out)["workers"]
     assert len(actors) == 3 and sum(a["ready"] for a in actors) >= 1
 
 
@@ -248,7 +248,7 @@ def test_gpus_one_model_each_and_shared_halves(inputs, tiny_models, tmp_path: Pa
         out = tmp_path / "one-each"
         res = _eval(tiny_models[:2], inputs, out, *common, "--gpus-per-actor", "1")
         assert res.returncode == 0, res.stderr
-        actors = [a for a in _launch(out)["actors"] if a["ready"]]
+        actors = [a for a in _launch(out)["workers"] if a["ready"]]
         assert sorted(len(a["gpu_ids"]) for a in actors) == [1, 1]
         assert actors[0]["gpu_ids"] != actors[1]["gpu_ids"]
         assert all(a["cuda_visible_devices"] == a["gpu_ids"][0] for a in actors)
@@ -259,11 +259,11 @@ def test_gpus_one_model_each_and_shared_halves(inputs, tiny_models, tmp_path: Pa
         launch = _launch(out)
         assert launch["slots"] == 4
         per_gpu: dict[str, int] = {}
-        for a in launch["actors"]:
+        for a in launch["workers"]:
             if a["ready"]:
                 (gpu,) = a["gpu_ids"]
                 per_gpu[gpu] = per_gpu.get(gpu, 0) + 1
-        assert per_gpu == {"0": 2, "1": 2}, launch["actors"]  # every actor ran, two on each GPU
+        assert per_gpu == {"0": 2, "1": 2}, launch["workers"]  # every actor ran, two on each GPU
 
         out = tmp_path / "auto"
         res = _eval(tiny_models[:1], inputs, out, "--address", address, "--gpus-per-actor", "1")

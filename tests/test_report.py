@@ -84,8 +84,8 @@ def _direct(run: Path) -> pd.DataFrame:
         g = g.set_index("sample_id").loc[[r["id"] for r in ROWS]]
         scores = None
         if g["scores"].notna().any():
-            scores = np.array([[json.loads(s).get(c, 0.0) for c in CODES] for s in g["scores"]])
-        if REGISTRY[strategy].kind == "scores":
+            scores = np.array([[(s or {}).get(c) or 0.0 for c in CODES] for s in g["scores"]])
+        if REGISTRY[strategy].kind.name == "scores":
             y_pred = (scores >= THRESHOLD).astype(int)
         else:
             y_pred = np.array([[c in set(p) for c in CODES] for p in g["pred_labels"]], dtype=int)
@@ -153,7 +153,7 @@ def test_report_numbers_match_metrics_computed_directly(setup: dict) -> None:
     grid = np.round(np.linspace(0, 1, 101), 2)
     y_true = np.array([[c in r["labels"] for c in CODES] for r in ROWS], dtype=int)
     tt = pd.read_csv(rep / "csv" / "threshold_transfer.csv")
-    assert set(tt["strategy"]) == {s for s, v in REGISTRY.items() if v.kind == "scores"}
+    assert set(tt["strategy"]) == {s for s, v in REGISTRY.items() if v.kind.name == "scores"}
     for row in tt.itertuples():
         src, tgt = row.source, row.target
 
@@ -329,3 +329,87 @@ def test_html_renders_with_plots_in_headless_chromium(setup: dict, tmp_path: Pat
         shots[name] = _saturated_pixels(shot)
     assert shots["report"] > 50_000
     assert shots["bare"] < 0.01 * shots["report"]
+
+
+def _metrics_of(y_score: np.ndarray | None, pred_labels: list, strategy: str) -> tuple[float, float, float]:
+    """micro F1, Hamming loss, micro ROC AUC of one model x strategy, with scikit-learn."""
+    y_true = np.array([[c in r["labels"] for c in CODES] for r in ROWS], dtype=int)
+    if REGISTRY[strategy].kind.name == "scores":
+        y_pred = (y_score >= THRESHOLD).astype(int)
+    else:
+        y_pred = np.array([[c in set(p) for c in CODES] for p in pred_labels], dtype=int)
+    auc = roc_auc_score(y_true.ravel(), y_score.ravel()) if y_score is not None else np.nan
+    return f1_score(y_true, y_pred, average="micro", zero_division=0), hamming_loss(y_true, y_pred), auc
+
+
+def _same_as_metrics_csv(run: Path, got: dict) -> None:
+    metrics = pd.read_csv(run / "metrics.csv").set_index(["model", "strategy"])
+    assert set(got) == set(metrics.index)
+    for key, (f1, ham, auc) in got.items():
+        m = metrics.loc[key]
+        assert (m.f1_micro, m.hamming_loss) == (pytest.approx(f1, abs=1e-12), pytest.approx(ham, abs=1e-12)), key
+        assert (np.isnan(auc) and np.isnan(m.roc_auc_micro)) or m.roc_auc_micro == pytest.approx(auc, abs=1e-12)
+
+
+def test_predictions_are_typed_columns_for_pandas_and_duckdb(setup: dict) -> None:
+    """SPEC §6: scores is a Parquet struct of floats, pred_labels a list of strings, no JSON
+    text; pandas and DuckDB read them as they are and get the metrics of metrics.csv."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = setup["run"]
+    files = sorted((run / "predictions").glob("*.parquet"))
+    schema = pq.read_schema(files[0])
+    assert schema.field("scores").type == pa.struct([(label, pa.float64()) for label in ["unsafe", *CODES]])
+    assert schema.field("unexplored_by_label").type == schema.field("scores").type
+    assert schema.field("pred_labels").type == pa.list_(pa.string())
+    assert {f.name for f in schema if pa.types.is_string(f.type)} == {"model", "strategy", "sample_id", "greedy_text"}
+    ids = [r["id"] for r in ROWS]
+
+    pred = pd.concat([pd.read_parquet(f) for f in files])  # pandas: struct cells are dicts
+    got = {}
+    for (model, strategy), g in pred.groupby(["model", "strategy"]):
+        g = g.set_index("sample_id").loc[ids]
+        y = None
+        if g["scores"].notna().any():
+            y = np.array([[(s or {}).get(c) or 0.0 for c in CODES] for s in g["scores"]])
+        got[model, strategy] = _metrics_of(y, list(g["pred_labels"]), strategy)
+    _same_as_metrics_csv(run, got)
+
+    cols = ", ".join(f'coalesce(scores."{c}", 0) AS "{c}"' for c in CODES)  # DuckDB: struct fields by name
+    rows = duckdb.sql(
+        f"SELECT model, strategy, sample_id, scores IS NULL AS no_scores, {cols}, pred_labels "
+        f"FROM read_parquet('{run}/predictions/*.parquet')"
+    ).fetchall()
+    got = {}
+    for key in {(r[0], r[1]) for r in rows}:
+        by_id = {r[2]: r for r in rows if (r[0], r[1]) == key}
+        ordered = [by_id[i] for i in ids]
+        scored = not all(r[3] for r in ordered)
+        y = np.array([r[4 : 4 + len(CODES)] for r in ordered], dtype=float) if scored else None
+        got[key] = _metrics_of(y, [r[-1] for r in ordered], key[1])
+    _same_as_metrics_csv(run, got)
+
+
+def test_report_reads_a_run_written_before_the_typed_columns(setup: dict, tmp_path: Path) -> None:
+    """Older runs stored scores, unexplored_by_label and extra as JSON text: the report reads
+    them and shows the same numbers."""
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "old"
+    shutil.copytree(setup["run"], old)
+    shutil.rmtree(old / "report")
+    for f in (old / "predictions").glob("*.parquet"):
+        df = pd.read_parquet(f)
+        for col in ("scores", "unexplored_by_label", "extra"):  # as the JSON-text writer did
+            df[col] = [
+                None if v is None else json.dumps({k: x for k, x in v.items() if x is not None}) for v in df[col]
+            ]
+        df.to_parquet(f, index=False)
+        assert pq.read_schema(f).field("scores").type in ("string", "large_string")
+    res = runner.invoke(app, ["report", str(old)])
+    assert res.exit_code == 0, res.output
+    for name in ("headline", "threshold_transfer", "reliability", "f1_threshold_curves"):
+        a = pd.read_csv(setup["run"] / "report" / "csv" / f"{name}.csv")
+        pd.testing.assert_frame_equal(pd.read_csv(old / "report" / "csv" / f"{name}.csv"), a)

@@ -15,8 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tokmarg.cli import app
+from tokmarg.records import PartitionMeta, PartitionResult
 from tokmarg.rundir import RunDir, RunError, atomic_write, plan
-from tokmarg.strategies import REGISTRY
+from tokmarg.strategies import REGISTRY, SampleOutput
 from tokmarg.worker import Worker
 
 ROWS = [
@@ -74,22 +75,31 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
     assert target.read_bytes() == b"new"
 
 
+LABELS = ("unsafe", "S1")
+
+
+def _result(ids: list[str], tokens: int) -> PartitionResult:
+    """A partition of strategy ``s`` over ``ids``, each sample with ``tokens`` tokens forwarded."""
+    meta = PartitionMeta("m", 0, {"all": 1.0}, tokens * len(ids), 0, 0, {})
+    outs = [SampleOutput({"S1": 0.5}, tokens_forwarded=tokens) for _ in ids]
+    return PartitionResult(meta, tuple(ids), tuple(() for _ in ids), {"s": outs}, tuple(tokens for _ in ids))
+
+
 def test_partition_is_written_once(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
-    rows = [{"model": "m", "strategy": "s", "sample_id": "a", "x": 1}]
-    assert rd.write_partition("m", 0, rows, {"index": 0}) is True
-    assert rd.write_partition("m", 0, [{**rows[0], "x": 2}], {"index": 0}) is False  # a retried duplicate
-    assert pd.read_parquet(rd.part_path("m", 0)).x.tolist() == [1]
+    assert rd.write_partition(_result(["a"], 1), LABELS) is True
+    assert rd.write_partition(_result(["a"], 2), LABELS) is False  # a retried duplicate
+    assert pd.read_parquet(rd.part_path("m", 0)).tokens_forwarded.tolist() == [1]
     assert rd.done("m", 3) == {0}
 
 
 def test_partition_with_wrong_content_is_refused(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
-    rd.write_partition("m", 0, [{"model": "m", "strategy": "s", "sample_id": "a"}], {})
+    rd.write_partition(_result(["a"], 1), LABELS)
     with pytest.raises(RunError, match=r"part-00000\.parquet: does not hold exactly the 2 results"):
-        rd.read_partitions("m", [(0, ["a", "b"])], ["s"])
+        rd.read_partitions("m", [(0, ["a", "b"])], ["s"], LABELS)
     with pytest.raises(RunError, match=r"part-00001\.parquet: missing; run `tokmarg eval --resume"):
-        rd.read_partitions("m", [(1, ["c"])], ["s"])
+        rd.read_partitions("m", [(1, ["c"])], ["s"], LABELS)
 
 
 def test_directory_that_is_not_a_run(tmp_path: Path) -> None:

@@ -18,10 +18,11 @@ import torch
 
 from tokmarg.config import Config
 from tokmarg.data import Dataset
-from tokmarg.engine.score import EngineOptions, ScoreStats, score
+from tokmarg.engine.score import ScoreStats, score
 from tokmarg.engine.tree import prepare
 from tokmarg.models import load_model, model_view
 from tokmarg.prompts import load_format
+from tokmarg.settings import EngineOptions, EvalSettings
 from tokmarg.strategies import REGISTRY, SampleOutput
 from tokmarg.strategies.uncertainty import finalize
 from tokmarg.worker import build_queries
@@ -34,12 +35,6 @@ class _Run:
     outs: dict[str, list[SampleOutput]]
     seconds: dict[str, float]
     stats: ScoreStats
-
-
-def _codes(out: SampleOutput, kind: str, threshold: float, codes: Sequence[str]) -> tuple[str, ...]:
-    if kind == "scores":
-        return tuple(c for c in codes if (out.scores or {}).get(c, 0.0) >= threshold)
-    return out.pred_labels
 
 
 def _diff(a: SampleOutput, b: SampleOutput) -> float:
@@ -87,7 +82,7 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
         t0 = time.perf_counter()
         outs, stats = score(lm, info, tokens, queries, names, mc.params, cfg.semantics, engine_opts)
         for s in names:
-            if REGISTRY[s].kind == "uncertainty":
+            if REGISTRY[s].kind.fitted:
                 finalize(outs[s], truth, cfg.calibration, cfg.seed)
         secs = dict(stats.seconds)
         secs["total"] = time.perf_counter() - t0
@@ -127,7 +122,8 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
         disagree = [
             q.sample_id
             for q, a, b, d in zip(queries, fast.outs[s], ref.outs[s], diffs)
-            if d > AGREE_TOL or _codes(a, kind, thr, cfg.taxonomy.codes) != _codes(b, kind, thr, cfg.taxonomy.codes)
+            if d > AGREE_TOL
+            or kind.sample_codes(a, thr, cfg.taxonomy.codes) != kind.sample_codes(b, thr, cfg.taxonomy.codes)
         ]
         bad_all += [f"{s}:{i}" for i in disagree]
         ref_tok = sum(o.tokens_forwarded for o in ref.outs[s]) / n
@@ -184,7 +180,7 @@ def run_actor_bench(
 
     from tokmarg.launch.cluster import RayLauncher
     from tokmarg.launch.local import LocalLauncher
-    from tokmarg.runner import RunOptions, run_eval
+    from tokmarg.runner import run_eval
 
     cfg = replace(cfg, models=cfg.models[:1])
     rows = []
@@ -193,12 +189,19 @@ def run_actor_bench(
             launcher = (  # 0: the same run in this process, without Ray (the baseline)
                 LocalLauncher() if n == 0 else RayLauncher(address, replicas=n, gpus_per_actor=0)
             )  # Ray: an equal share of the cores each
-            run_opts = RunOptions(opts or EngineOptions("fast"), partition_size, progress=False)
+            settings = EvalSettings(
+                params=Path(cfg.path),
+                dataset=Path(ds.path),
+                engine=opts or EngineOptions("fast"),
+                partition_size=partition_size,
+                out=Path(tmp) / "run",
+                progress=False,
+            )
             t0 = time.perf_counter()
-            _, manifest = run_eval(cfg, ds, Path(tmp) / "run", launcher, run_opts, log=lambda _m: None)
+            _, manifest = run_eval(cfg, ds, settings, launcher, log=lambda _m: None)
             total = time.perf_counter() - t0
-        launch, timing = manifest["launch"], manifest["timing"][cfg.models[0].name]
-        load = (timing["load_seconds"] or 0.0) if n == 0 else 0.0  # the local launcher loads inside run()
+        launch, timing = manifest.launch, manifest.timing[cfg.models[0].name]
+        load = (timing.load_seconds or 0.0) if n == 0 else 0.0  # the local launcher loads inside run()
         wall = launch["run_seconds"] - load
         rows.append(
             {
@@ -208,9 +211,26 @@ def run_actor_bench(
                 "scoring_seconds": wall,
                 "start_seconds": launch["start_seconds"] + load,
                 "end_to_end_seconds": total,
-                "tokens_per_sample": timing["tokens_forwarded"] / len(ds.samples),
-                "forward_calls": timing["forward_calls"],
-                "partitions_by_worker": timing["partitions_by_worker"],
+                "tokens_per_sample": timing.tokens_forwarded / len(ds.samples),
+                "forward_calls": timing.forward_calls,
+                "partitions_by_worker": timing.partitions_by_worker,
             }
         )
     return {"model": cfg.models[0].name, "n_samples": len(ds.samples), "partition_size": partition_size, "rows": rows}
+
+
+def bench(settings: EvalSettings, *, fast_only: bool = False, actors: Sequence[int] | None = None) -> dict:
+    """``tokmarg bench``: the engines on the settings' first model, or (``actors``) eval throughput."""
+    from tokmarg.runner import load_inputs
+
+    cfg, ds = load_inputs(settings)
+    if actors:
+        return run_actor_bench(
+            cfg,
+            ds,
+            actors,
+            partition_size=settings.partition_size,
+            opts=settings.engine,
+            address=settings.launch.address,
+        )
+    return run_bench(cfg, ds, fast_only=fast_only, opts=settings.engine)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from tokmarg.errors import TokmargError
 from tokmarg.models import DEFAULT_MODEL, DTYPES
 from tokmarg.prompts import BUILTIN_FORMATS, PromptError, load_format
 from tokmarg.strategies import REGISTRY, SEMANTICS, StrategyParams
@@ -25,7 +26,7 @@ TOP_KEYS = ("semantics", "calibration", "taxonomy", "taxonomies", "prompt", "str
 MODEL_KEYS = ("prompt", "taxonomy", "answer_prefix", "device", "dtype", "strategies", *PARAM_KEYS)
 
 
-class ConfigError(ValueError):
+class ConfigError(TokmargError, ValueError):
     """Invalid params or CLI choice; the message is one line."""
 
 

@@ -18,6 +18,7 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from tokmarg.data import Sample
+from tokmarg.errors import TokmargError
 from tokmarg.taxonomy import Taxonomy
 
 BUILTIN_FORMATS = ("guard", "instruct")
@@ -39,7 +40,7 @@ Answer with 'safe' or 'unsafe' on the first line. If unsafe, list the violated c
 second line, separated by commas (for example: S1,S10), and nothing else."""
 
 
-class PromptError(ValueError):
+class PromptError(TokmargError, ValueError):
     """A prompt format or template is invalid; one line naming the file or key."""
 
 

@@ -1,133 +1,81 @@
 """Reduce finished partitions into predictions, metrics and cross-model tables (SPEC §3-4, §6).
 
 Runs on the driver once every partition is there: the uncertainty strategies' dataset-level
-step (t_opti) needs all samples of a model, so it happens here and not in the workers.
+step (t_opti) needs all samples of a model, so it happens here and not in the workers. Every
+step works on :class:`~tokmarg.records.StrategyResults`, the arrays of one model x strategy.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 
 import numpy as np
 import pandas as pd
 
-from tokmarg.config import Config
+from tokmarg.config import Config, ModelConfig
 from tokmarg.data import Dataset
-from tokmarg.metrics import compute_metrics, generalization_table, ranking_agreement, threshold_transfer
-from tokmarg.strategies import REGISTRY, SampleOutput
-from tokmarg.strategies.uncertainty import finalize
+from tokmarg.metrics import HEADLINE, compute_metrics, generalization_table, ranking_agreement, threshold_transfer
+from tokmarg.records import (
+    Manifest,
+    ModelSummary,
+    PartitionMeta,
+    StrategyResults,
+    label_matrix,
+    strategy_results,
+    with_pred_labels,
+)
+from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, slug, write_parquet, write_table
+from tokmarg.strategies import REGISTRY
+from tokmarg.strategies.uncertainty import fit_predictions
+from tokmarg.worker import Partition
 
-# the headline metrics of the cross-model table: (column, higher is better)
-HEADLINE = (("f1_micro", True), ("hamming_loss", False), ("roc_auc_micro", True))
 TRANSFER_GRID = np.linspace(0.0, 1.0, 101)
+TRANSDUCTIVE_NOTE = "t_opti of the uncertainty strategies is fitted on the evaluated set's own labels (as the paper)"
+SPLIT_NOTE = "t_opti of the uncertainty strategies is cross-fitted on 2 held-out halves (seeded)"
+
+Results = Mapping[tuple[str, str], StrategyResults]
 
 
-def _isna(v: object) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA
-
-
-def finalize_model(df: pd.DataFrame, cfg: Config, ds: Dataset) -> dict[str, dict[str, float]]:
-    """Fill ``pred_labels`` of one model's uncertainty rows (in place); return the fitted thresholds."""
-    order = {s.id: i for i, s in enumerate(ds.samples)}
-    truth = [s.labels for s in ds.samples]
-    fitted = {}
-    df["pred_labels"] = df["pred_labels"].astype(object)  # cells receive lists
-    for strategy in cfg.strategies:
-        if REGISTRY[strategy].kind != "uncertainty":
+def fit_uncertainty(
+    results: Results, truth: Sequence[Sequence[str]], calibration: str, seed: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Fill ``pred_labels`` of the fitted kinds' results (in place); model -> strategy -> t_opti."""
+    fitted: dict[str, dict[str, dict[str, float]]] = {}
+    for (model, strategy), r in results.items():
+        if not REGISTRY[strategy].kind.fitted:
             continue
-        idx = df.index[df["strategy"] == strategy]
-        idx = sorted(idx, key=lambda i: order[df.at[i, "sample_id"]])
-        outs = [
-            SampleOutput(
-                uncertainty=float(df.at[i, "uncertainty"]),
-                ranked=tuple(df.at[i, "ranked"]),
-                gate_unsafe=None if _isna(df.at[i, "gate_unsafe"]) else bool(df.at[i, "gate_unsafe"]),
-            )
-            for i in idx
-        ]
-        fitted[strategy] = finalize(outs, [truth[order[df.at[i, "sample_id"]]] for i in idx], cfg.calibration, cfg.seed)
-        for i, o in zip(idx, outs):
-            df.at[i, "pred_labels"] = list(o.pred_labels)
+        eligible = ~(r.gate_unsafe == 0.0)  # the gate called these safe: no codes, not in the fit
+        r.pred_labels, t = fit_predictions(r.uncertainty, r.ranked, eligible, truth, calibration, seed)
+        fitted.setdefault(model, {})[strategy] = t
     return fitted
 
 
-def score_matrix(g: pd.DataFrame, codes: list[str]) -> np.ndarray | None:
-    """(n, len(codes)) scores of one model x strategy's rows (missing codes 0); None without scores."""
-    scores = [json.loads(s) if isinstance(s, str) else None for s in g["scores"]]
-    if not any(s is not None for s in scores):
-        return None
-    return np.array([[(s or {}).get(c, 0.0) for c in codes] for s in scores], dtype=float)
-
-
-def label_matrix(labels: Iterable[Iterable[str]], codes: Sequence[str]) -> np.ndarray:
-    """(n, len(codes)) bool: which codes each sample is labelled with."""
-    rows = [set(lab) for lab in labels]
-    return np.array([[c in r for c in codes] for r in rows], dtype=bool).reshape(len(rows), len(codes))
-
-
-def score_matrices(pred: pd.DataFrame, ids: list[str], codes: list[str]) -> dict[tuple[str, str], np.ndarray | None]:
-    """Every (model, strategy)'s scores in the order of ``ids``, parsed once (see :func:`score_matrix`).
-
-    Raises:
-        ValueError: naming the model and strategy whose scores are not JSON objects of numbers.
-    """
-    out = {}
-    for (model, strategy), g in pred.groupby(["model", "strategy"], sort=False):
-        try:
-            out[model, strategy] = score_matrix(in_order(g, ids), codes)
-        except (ValueError, AttributeError, TypeError):
-            raise ValueError(f"{model} / {strategy}: scores are not JSON objects of numbers") from None
-    return out
-
-
-def in_order(g: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
-    """The rows of ``g`` in the order of the sample ids ``ids``."""
-    order = {s: i for i, s in enumerate(ids)}
-    return g.iloc[np.argsort([order[i] for i in g["sample_id"]])]
-
-
-def metrics_table(pred: pd.DataFrame, cfg: Config, ds: Dataset, n_boot: int = 1000) -> pd.DataFrame:
-    """predictions -> one metrics row per model x strategy (SPEC §3)."""
-    codes = list(cfg.taxonomy.codes)
-    ids = [s.id for s in ds.samples]
-    y_true = label_matrix((s.labels for s in ds.samples), codes)
-    out = []
-    params = {m.name: m.params for m in cfg.models}
-    for (model, strategy), g in pred.groupby(["model", "strategy"], sort=False):
-        g = in_order(g, ids)
-        kind = REGISTRY[strategy].kind
-        thr = params[model][strategy].threshold
-        scored = score_matrix(g, ["unsafe", *codes])  # parsed once: column 0 is the binary view
-        y_score = None if scored is None else scored[:, 1:]
-        if kind == "scores":
-            y_pred = y_score >= thr if y_score is not None else np.zeros_like(y_true)
-        else:
-            y_pred = np.array([[c in set(p) for c in codes] for p in g["pred_labels"]], dtype=bool)
-        u_kw: dict = {}
-        if ds.has_safe:
-            u_score = None if scored is None else scored[:, 0]
-            if kind == "scores" and u_score is not None:
-                u_pred = u_score >= thr
-            elif kind == "codes":  # the output said unsafe (even without a known code)
-                flags = [json.loads(e).get("unsafe_in_output", 0.0) if isinstance(e, str) else 0.0 for e in g["extra"]]
-                u_pred = np.array(flags, dtype=bool) | y_pred.any(axis=1)
-            else:
-                u_pred = y_pred.any(axis=1)
-            u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
-        m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=cfg.seed, **u_kw)
-        fwd = g["tokens_forwarded"].to_numpy()
-        out.append(
-            {
-                "model": model,
-                "strategy": strategy,
-                "threshold": thr,
-                **m,
-                "tokens_forwarded_per_sample": float(fwd.mean()) if len(fwd) else 0.0,
-            }
-        )
-    return pd.DataFrame(out)
+def metrics_row(
+    r: StrategyResults, y_true: np.ndarray, codes: Sequence[str], threshold: float, has_safe: bool, seed: int,
+    n_boot: int = 1000,
+) -> dict:  # fmt: skip
+    """SPEC §3 metrics of one model x strategy."""
+    kind = REGISTRY[r.strategy].kind
+    y_score = r.code_scores()
+    y_pred = kind.codes(y_score, r.named(codes), threshold)
+    u_kw: dict = {}
+    if has_safe:
+        u_score = None if r.scores is None else r.scores[:, 0]
+        u_pred = kind.unsafe(u_score, y_pred, r.unsafe_in_output, threshold)
+        u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
+    m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=seed, **u_kw)
+    fwd = r.tokens_forwarded
+    return {
+        "model": r.model,
+        "strategy": r.strategy,
+        "threshold": threshold,
+        **m,
+        "tokens_forwarded_per_sample": float(fwd.mean()) if len(fwd) else 0.0,
+    }
 
 
 def cross_model_tables(
@@ -136,8 +84,7 @@ def cross_model_tables(
     """SPEC §4 tables by file stem: generalization and ranking agreement per headline metric,
     threshold transfer of the score strategies. Empty with fewer than two models.
 
-    ``scores``: (model, strategy) -> (n, len(codes)) scores in the sample order of ``y_true``
-    (:func:`score_matrices`).
+    ``scores``: (model, strategy) -> (n, len(codes)) code scores in the sample order of ``y_true``.
     """
     if metrics["model"].nunique() < 2:
         return {}
@@ -147,7 +94,7 @@ def cross_model_tables(
         tables[f"ranking_agreement_{metric}"] = ranking_agreement(metrics, metric, higher)
     transfers = []
     for strategy in pd.unique(metrics["strategy"]):
-        if REGISTRY[strategy].kind != "scores":
+        if not REGISTRY[strategy].kind.thresholded:
             continue
         curves = {m: (y_true, ys) for (m, s), ys in scores.items() if s == strategy and ys is not None}
         if len(curves) >= 2:
@@ -158,20 +105,126 @@ def cross_model_tables(
     return tables
 
 
-def model_timing(metas: list[dict]) -> dict:
-    """What the partitions of one model say about cost and placement."""
-    where = Counter(
-        f"{m['worker'].get('actor') or 'local'} on {m['worker'].get('node_id', m['worker'].get('host', '?'))[:12]}"
-        for m in metas
+def versions() -> dict[str, str]:
+    pkgs = ("tokmarg", "torch", "transformers", "accelerate", "pandas", "pyarrow", "scikit-learn", "gguf", "ray")
+    out = {"python": platform.python_version()}
+    for p in pkgs:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def _same_precision(model: str, metas: list[PartitionMeta], rd: RunDir) -> None:
+    """A resumed run must not mix partitions scored at different precisions (e.g. fp32 on a CPU,
+    bf16 on a GPU, both from ``--dtype auto``)."""
+    kinds = {(m.worker.get("dtype"), str(m.worker.get("device", "")).split(":")[0]) for m in metas}
+    if len(kinds) > 1:
+        seen = ", ".join(f"{d} on {dev}" for d, dev in sorted(kinds, key=str))
+        raise RunError(
+            f"model {model!r}: partitions were scored at different precisions ({seen}); resume on the same kind "
+            f"of device, or delete {rd.path / 'partitions' / slug(model)} to rescore them all"
+        )
+
+
+def _reduce_model(
+    cfg: Config, ds: Dataset, rd: RunDir, mc: ModelConfig, parts: list[Partition]
+) -> tuple[Results, dict, list[PartitionMeta]]:
+    """One model's partitions -> its predictions file (after the uncertainty step), its results
+    and fitted thresholds."""
+    expected = [(p.index, [s.id for s in p.samples]) for p in parts]
+    labels = cfg.taxonomy.labels
+    table, metas = rd.read_partitions(mc.name, expected, list(cfg.strategies), labels)
+    _same_precision(mc.name, metas, rd)
+    results = strategy_results(table, [s.id for s in ds.samples], labels)
+    fitted = fit_uncertainty(results, [s.labels for s in ds.samples], cfg.calibration, cfg.seed).get(mc.name, {})
+    write_table(with_pred_labels(table, results.values()), rd.path / "predictions" / f"{slug(mc.name)}.parquet")
+    return results, fitted, metas
+
+
+def _metrics(cfg: Config, ds: Dataset, results: Results, timing: dict[str, ModelSummary]) -> pd.DataFrame:
+    """metrics.csv: one row per model x strategy (SPEC §3), with its cost."""
+    codes = cfg.taxonomy.codes
+    y_true = label_matrix((s.labels for s in ds.samples), codes)
+    params = {m.name: m.params for m in cfg.models}
+    metrics = pd.DataFrame(
+        [metrics_row(r, y_true, codes, params[m][s].threshold, ds.has_safe, cfg.seed) for (m, s), r in results.items()]
     )
-    keys = sorted({k for m in metas for k in m["seconds"]})
-    return {
-        "partitions": len(metas),
-        "seconds": {k: float(sum(m["seconds"].get(k, 0.0) for m in metas)) for k in keys},
-        "prefix_tokens": max((m["prefix_tokens"] for m in metas), default=0),
-        "prefix_tokens_total": int(sum(m["prefix_tokens"] for m in metas)),  # prefilled once per partition
-        "tokens_forwarded": int(sum(m["tokens"] for m in metas)),
-        "forward_calls": int(sum(m.get("forward_calls", 0) for m in metas)),
-        "partitions_by_worker": dict(where),
-        "nodes": sorted({m["worker"].get("node_id") or m["worker"].get("host", "?") for m in metas}),
-    }
+    # reference: each strategy's own time; fast: the strategies share forwards, so every row
+    # shows the time of all of them together
+    n = max(1, len(ds.samples))
+    metrics["seconds_per_sample"] = [
+        timing[m].seconds.get(s, timing[m].seconds.get("all", float("nan"))) / n
+        for m, s in zip(metrics.model, metrics.strategy)
+    ]
+    return metrics
+
+
+def reduce_run(
+    cfg: Config,
+    ds: Dataset,
+    rd: RunDir,
+    record: dict,
+    parts: list[Partition],
+    launch: dict,
+    done_before: int,
+    started: str,
+) -> tuple[pd.DataFrame, Manifest]:
+    """Write predictions, labels, metrics, cross-model tables and, last, the manifest."""
+    out = rd.path
+    results: dict[tuple[str, str], StrategyResults] = {}
+    timing, thresholds = {}, {}
+    loads: dict[str, float] = {}  # the first of each model's workers that loaded (some never did: released)
+    for w in launch.get("workers", []):
+        if w.get("load_seconds") is not None:
+            loads.setdefault(w["model"], w["load_seconds"])
+    for mc in cfg.models:
+        res, thresholds[mc.name], metas = _reduce_model(cfg, ds, rd, mc, parts)
+        results.update(res)
+        timing[mc.name] = ModelSummary.of(metas, loads.get(mc.name))
+    # the truth beside the predictions: a report needs no dataset file (runs may combine across machines)
+    labels = pd.DataFrame({"sample_id": [s.id for s in ds.samples], "labels": [list(s.labels) for s in ds.samples]})
+    write_parquet(labels, out / LABELS_FILE, {"codes": list(cfg.taxonomy.codes), "dataset_sha256": ds.sha256})
+    metrics = _metrics(cfg, ds, results, timing)
+    atomic_write(out / "metrics.csv", metrics.to_csv(index=False).encode())
+    y_true = label_matrix((s.labels for s in ds.samples), cfg.taxonomy.codes)
+    tables = cross_model_tables(metrics, {k: r.code_scores() for k, r in results.items()}, y_true)
+    for name, t in tables.items():
+        atomic_write(out / "tables" / f"{name}.csv", t.to_csv(index=False).encode())
+    job = record["job"]
+    manifest = Manifest(
+        command=record.get("command", ""),
+        models=job["models"],
+        strategies=job["strategies"],
+        semantics=job["semantics"],
+        engine=job["engine"],
+        calibration=cfg.calibration,
+        calibration_note=TRANSDUCTIVE_NOTE if cfg.calibration == "transductive" else SPLIT_NOTE,
+        t_opti=thresholds,
+        params_file=cfg.path,
+        # where params and dataset came from: the command line, the working directory, or the
+        # defaults packaged with tokmarg (no --params / --dataset, none in the working directory)
+        inputs_from=record.get("args", {}).get("inputs_from"),
+        params=cfg.raw,
+        resolved=job["resolved"],
+        taxonomy=cfg.taxonomy.name,
+        dataset=ds.path,
+        dataset_sha256=ds.sha256,
+        n_samples=len(ds.samples),
+        n_skipped=ds.n_skipped,
+        skipped=list(ds.skipped),
+        partition_size=job["partition_size"],
+        partitions={"per_model": len(parts), "done_before_this_session": done_before},
+        launch=launch,
+        timing=timing,
+        tokens_forwarded={m: sum(int(r.tokens_forwarded.sum()) for (k, _), r in results.items() if k == m)
+                          for m in job["models"]},
+        tables=sorted(f"tables/{n}.csv" for n in tables),
+        versions=versions(),
+        machine={"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        started=record.get("created", started),
+        finished=now(),
+    )  # fmt: skip
+    atomic_write(out / "manifest.json", (json.dumps(manifest.to_dict(), indent=2, default=str) + "\n").encode())
+    return metrics, manifest

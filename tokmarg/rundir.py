@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,13 +29,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokmarg.errors import TokmargError
+from tokmarg.records import PartitionMeta, PartitionResult, RecordError, conform, prediction_schema
+
 RUN_FILE = "run.json"
 LABELS_FILE = "labels.parquet"  # the true labels beside the predictions (written by the reduce)
 LOCK_FILE = ".lock"
 FORMAT = 1
 
 
-class RunError(RuntimeError):
+class RunError(TokmargError, RuntimeError):
     """The run cannot start, resume or finish; one line."""
 
 
@@ -63,7 +66,11 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_parquet(df: pd.DataFrame, path: Path, meta: dict | None = None) -> None:
-    table = pa.Table.from_pandas(df, preserve_index=False)
+    write_table(pa.Table.from_pandas(df, preserve_index=False), path, meta)
+
+
+def write_table(table: pa.Table, path: Path, meta: dict | None = None) -> None:
+    """Write an Arrow table as Parquet, atomically; ``meta`` goes into the schema metadata."""
     if meta is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"tokmarg": json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
@@ -164,34 +171,37 @@ class RunDir:
     def done(self, model: str, n_parts: int) -> set[int]:
         return {i for i in range(n_parts) if self.part_path(model, i).is_file()}
 
-    def write_partition(self, model: str, index: int, rows: list[dict], meta: dict) -> bool:
+    def write_partition(self, result: PartitionResult, labels: Sequence[str]) -> bool:
         """Write one finished partition; False (and nothing written) if it is already there."""
-        path = self.part_path(model, index)
+        path = self.part_path(result.model, result.index)
         if path.exists():
             return False
-        write_parquet(pd.DataFrame(rows), path, meta)
+        write_table(result.table(labels), path, result.meta.to_dict())
         return True
 
     def read_partitions(
-        self, model: str, expected: Iterable[tuple[int, list[str]]], strategies: list[str]
-    ) -> tuple[pd.DataFrame, list[dict]]:
+        self, model: str, expected: Iterable[tuple[int, list[str]]], strategies: list[str], labels: Sequence[str]
+    ) -> tuple[pa.Table, list[PartitionMeta]]:
         """All partitions of a model in order, each checked to hold exactly its samples x strategies."""
-        frames, metas = [], []
+        tables, metas = [], []
         for index, ids in expected:
             path = self.part_path(model, index)
             if not path.is_file():
                 raise RunError(f"{path}: missing; run `tokmarg eval --resume {self.path}` to compute it")
-            df = pd.read_parquet(path)
-            got = sorted(zip(df["strategy"], df["sample_id"]))
+            try:
+                t = conform(pq.read_table(path), labels)
+            except (RecordError, OSError, pa.ArrowException) as e:
+                raise RunError(f"{path}: {str(e).splitlines()[0]}; delete it and resume to recompute it") from None
+            got = sorted(zip(t.column("strategy").to_pylist(), t.column("sample_id").to_pylist()))
             want = sorted((s, i) for s in strategies for i in ids)
-            if got != want or set(df["model"]) != {model}:
+            if got != want or set(t.column("model").to_pylist()) != {model}:
                 raise RunError(
                     f"{path}: does not hold exactly the {len(want)} results of model {model!r}, partition {index} "
                     f"(it has {len(got)}); delete it and resume to recompute it"
                 )
-            frames.append(df)
-            metas.append(parquet_meta(path))
-        return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), metas
+            tables.append(t)
+            metas.append(PartitionMeta.from_dict(parquet_meta(path)))
+        return pa.concat_tables(tables) if tables else prediction_schema(labels).empty_table(), metas
 
     def clean_temporaries(self) -> int:
         """Remove temporary files an interrupted writer left behind; returns how many."""

@@ -21,6 +21,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from tokmarg.errors import TokmargError
+
 LLAMA3_SPECIALS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -65,7 +67,7 @@ INIT_STD = 0.02  # LlamaConfig's initializer_range
 DEFAULT_LOGIT_STD = 19.2  # x120 on the tiny shape's head: nucleus median ~2 tokens at top_p 0.99
 
 
-class SyntheticError(RuntimeError):
+class SyntheticError(TokmargError, RuntimeError):
     """A synthetic model cannot be built (a missing package); one line saying what to install."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokmarg.errors import TokmargError
+
 
 @dataclass(frozen=True)
 class Category:
@@ -76,7 +78,7 @@ LLAMA_GUARD_2 = _build(
 BUILTIN: dict[str, Taxonomy] = {t.name: t for t in (LLAMA_GUARD_3, LLAMA_GUARD_2)}
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(TokmargError, ValueError):
     """A taxonomy name or definition is invalid."""
 
 

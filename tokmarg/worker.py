@@ -8,7 +8,6 @@ reads no file of the driver's.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -21,7 +20,8 @@ from tokmarg.engine.score import EngineOptions, check_engine, score
 from tokmarg.engine.tree import common_prefix_len
 from tokmarg.models import LoadedModel, load_model, model_view
 from tokmarg.prompts import PromptFormat, load_format, prompt_ids, render
-from tokmarg.strategies import Query, SampleOutput
+from tokmarg.records import PartitionMeta, PartitionResult
+from tokmarg.strategies import Query
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,6 @@ class Partition:
     gate: bool  # the whole dataset has safe rows: forced-prefix strategies decide safe/unsafe first
 
 
-@dataclass
-class PartitionResult:
-    model: str
-    index: int
-    rows: list[dict]  # one per strategy x sample, before the uncertainty step (pred_labels empty)
-    seconds: dict[str, float]  # scoring wall time: "all" (fast engine) or per strategy (reference)
-    tokens: int  # tokens forwarded for this partition, all strategies
-    prefix_tokens: int  # shared prompt prefix prefilled once for this partition (fast engine)
-    forward_calls: int  # model calls after the prefix (fast engine)
-    worker: dict  # who did it: host, pid, device (the Ray launcher adds actor and node)
-
-
 def build_queries(
     lm: LoadedModel, mc: ModelConfig, fmt: PromptFormat, labels: tuple[str, ...], samples: Sequence[Sample], gate: bool
 ) -> list[Query]:
@@ -74,26 +62,6 @@ def build_queries(
         Query(s.id, prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, mc.taxonomy, mc.answer_prefix)), labels, gate)
         for s in samples
     ]
-
-
-def output_row(model: str, strategy: str, sample: Sample, o: SampleOutput) -> dict:
-    """The Parquet row of one model x strategy x sample (SPEC §6)."""
-    return {
-        "model": model,
-        "strategy": strategy,
-        "sample_id": sample.id,
-        "true_labels": list(sample.labels),
-        "scores": None if o.scores is None else json.dumps(o.scores),
-        "pred_labels": list(o.pred_labels),
-        "unexplored_mass": o.unexplored_mass,
-        "unexplored_by_label": None if o.unexplored_by_label is None else json.dumps(o.unexplored_by_label),
-        "greedy_text": o.greedy_text,
-        "uncertainty": o.uncertainty,
-        "ranked": None if o.ranked is None else list(o.ranked),
-        "gate_unsafe": o.gate_unsafe,
-        "tokens_forwarded": int(o.tokens_forwarded),
-        "extra": json.dumps(o.extra) if o.extra else None,
-    }
 
 
 class Worker:
@@ -156,19 +124,20 @@ class Worker:
             spec.engine,
             max_prefix=self.template_prefix,
         )
-        per_sample = [sum(outs[s][i].tokens_forwarded for s in spec.strategies) for i in range(len(part.samples))]
-        rows = [
-            {**output_row(mc.name, s, sample, out), "sample_tokens_forwarded": per_sample[i]}
-            for s in spec.strategies
-            for i, (sample, out) in enumerate(zip(part.samples, outs[s]))
-        ]
+        per_sample = tuple(sum(outs[s][i].tokens_forwarded for s in spec.strategies) for i in range(len(part.samples)))
+        meta = PartitionMeta(
+            model=mc.name,
+            index=part.index,
+            seconds=dict(stats.seconds),
+            tokens=sum(per_sample),
+            prefix_tokens=stats.prefix_tokens,
+            forward_calls=stats.forward_calls,
+            worker=self.describe(),
+        )
         return PartitionResult(
-            mc.name,
-            part.index,
-            rows,
-            dict(stats.seconds),
-            sum(per_sample),
-            stats.prefix_tokens,
-            stats.forward_calls,
-            self.describe(),
+            meta,
+            tuple(s.id for s in part.samples),
+            tuple(tuple(s.labels) for s in part.samples),
+            {s: outs[s] for s in spec.strategies},
+            per_sample,
         )

@@ -6,26 +6,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tokmarg.engine import DEFAULT_ENGINE, DEFAULT_LOOKAHEAD, ENGINES, EngineError
+from tokmarg.engine import ENGINES, EngineError
 from tokmarg.engine.scheduler import run_batch
 from tokmarg.engine.tree import TreeBackend, common_prefix_len, sliding_window
 from tokmarg.models import LoadedModel
+from tokmarg.settings import EngineOptions
 from tokmarg.strategies import REGISTRY, Context, ModelTokens, Query, SampleOutput, StrategyParams, TokenInfo
 from tokmarg.strategies.reference import CountingLM
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    engine: str = DEFAULT_ENGINE
-    batch_size: int = 0  # samples per fast batch; 0 = auto
-    max_forward_tokens: int = 0  # tokens per forward call; 0 = auto
-    lookahead: int = DEFAULT_LOOKAHEAD  # greedy tokens guessed ahead at most (0: none)
-
-    def resolved(self, on_gpu: bool) -> tuple[int, int]:
-        """(batch size, max forward tokens). Attention costs time linear in the batch, and every
-        sequential model call reads all the weights once, so a larger batch costs less per sample
-        (BENCHMARKS.md: the sweep); on a CPU fewer tokens per call keep activations small."""
-        return (self.batch_size or 32), (self.max_forward_tokens or (4096 if on_gpu else 2048))
 
 
 @dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from tokmarg.worker import Partition, PartitionResult, WorkerSpec
+from tokmarg.records import PartitionResult
+from tokmarg.settings import LaunchSettings
+from tokmarg.worker import Partition, WorkerSpec
 
 OnResult = Callable[[PartitionResult], None]
 OnState = Callable[[str, str], None]  # (model, "waiting" | "loading" | "running" | "done")
@@ -29,3 +31,21 @@ class Launcher(Protocol):
         """What the manifest records about the launch (workers, placement, restarts)."""
 
     def close(self) -> None: ...
+
+
+def make_launcher(launch: LaunchSettings) -> Launcher:
+    """The launcher these settings ask for (Ray is imported only when it is used)."""
+    if not launch.ray:
+        from tokmarg.launch.local import LocalLauncher
+
+        return LocalLauncher(threads=max(1, int(launch.cpus_per_actor)) if launch.cpus_per_actor else 0)
+    from tokmarg.launch.cluster import RayLauncher
+
+    return RayLauncher(
+        launch.address,
+        replicas=launch.replicas,
+        gpus_per_actor=launch.gpus_per_actor,
+        cpus_per_actor=launch.cpus_per_actor,
+        max_restarts=launch.max_restarts,
+        dashboard_host=launch.dashboard_host,
+    )

@@ -27,8 +27,9 @@ from tokmarg.launch.auth import ENV as AUTH_ENV
 from tokmarg.launch.auth import match_cluster_auth
 from tokmarg.launch.waves import Waves
 from tokmarg.launch.waves import one_line as _one_line
+from tokmarg.records import PartitionResult
 from tokmarg.rundir import RunError
-from tokmarg.worker import Partition, PartitionResult, Worker, WorkerSpec
+from tokmarg.worker import Partition, Worker, WorkerSpec
 
 LATENCY_BOUNDS = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
 
@@ -80,11 +81,11 @@ class RayWorker:
         t0 = time.perf_counter()
         res = self._worker.run_partition(part)
         self._samples.inc(len(part.samples))
-        self._tokens.inc(res.tokens)
+        self._tokens.inc(res.meta.tokens)
         self._latency.observe(time.perf_counter() - t0)
         self._done += 1
         self._samples_done += len(part.samples)
-        res.worker.update(self._where)
+        res.meta.worker.update(self._where)
         return res
 
 
@@ -266,7 +267,7 @@ class RayLauncher:
             "auth_mode": os.environ.get(AUTH_ENV, "ray default"),  # as this driver connected
             **self.resources,
             "waves": self.waves,
-            "actors": actors,
+            "workers": actors,  # one entry per actor (the local launcher: per model it loaded)
         }
 
     def _restarts(self) -> dict[str, int]:

@@ -195,7 +195,7 @@ class Waves:
             # back off (2, 4, ... 30 s) so that a restarting actor is back before it gets the partition again
             time.sleep(min(30.0, 2.0 ** self._retry(m, part, e)))
         else:
-            self.l.pids.setdefault(name, set()).add(res.worker["pid"])
+            self.l.pids.setdefault(name, set()).add(res.meta.worker["pid"])
             if part.index in self.todo[m]:
                 self.todo[m].discard(part.index)
                 self.on_result(res)

@@ -7,6 +7,7 @@ from tokmarg.metrics.bootstrap import bootstrap_headline, weighted_micro_auc
 from tokmarg.metrics.core import (
     ECE_BINS,
     HEADLINE,
+    Headline,
     binarize,
     brier_score,
     calibration_bins,
@@ -24,6 +25,7 @@ from tokmarg.metrics.uncertainty import choose_k, t_opti
 __all__ = [
     "ECE_BINS",
     "HEADLINE",
+    "Headline",
     "binarize",
     "bootstrap_headline",
     "brier_score",

@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from tokmarg.metrics.bootstrap import bootstrap_headline
 
-HEADLINE: tuple[str, ...] = ("f1_micro", "hamming_loss", "roc_auc_micro")
+
+class Headline(NamedTuple):
+    metric: str
+    higher_is_better: bool
+
+
+# the headline metrics (bootstrap intervals, cross-model tables, the report's first tables)
+HEADLINE: tuple[Headline, ...] = (
+    Headline("f1_micro", True),
+    Headline("hamming_loss", False),
+    Headline("roc_auc_micro", True),
+)
 ECE_BINS = 15
 
 
@@ -208,7 +220,7 @@ def compute_metrics(
         out.update(_binary_view(unsafe_true, unsafe_score, unsafe_pred))
 
     cis = bootstrap_headline(yt, yp, ys, n_boot=n_boot, seed=seed)
-    for m in HEADLINE:
+    for m, _ in HEADLINE:
         lo, hi = cis[m]
         if np.isnan(out[m]):
             lo, hi = nan, nan

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tokmarg.reduce import HEADLINE
+from tokmarg.metrics import HEADLINE
 from tokmarg.report import plots
 from tokmarg.report import tables as T
 from tokmarg.report.inputs import ReportError, ReportInputs, load_inputs
 from tokmarg.report.render import Block, Bullets, Figure, Heading, Table, Text, cell, to_html, to_markdown
+from tokmarg.report.text import display_names
 
 TITLE = "tokmarg report"
 LABELS = plots.LABELS
@@ -38,16 +39,7 @@ class ReportFiles:
     csvs: tuple[Path, ...]
 
 
-RESERVED = {"strategy", "model", "mean", "std", "worst", "run"}
 REPORT_ENTRIES = {"report.md", "report.html", "csv", "plots"}
-
-
-def display_names(models: list[str]) -> dict[str, str]:
-    """Short column names: the last part of a path, unless two models (or a table column) would share it."""
-    short = {m: m.rstrip("/").rsplit("/", 1)[-1] or m for m in models}
-    if len(set(short.values())) < len(short) or RESERVED & set(short.values()):
-        return {m: m for m in models}
-    return short
 
 
 class _Doc:
@@ -101,10 +93,10 @@ def _intro(doc: _Doc, inputs: ReportInputs) -> None:
     doc.add(
         Heading(1, TITLE),
         Text(
-            f"{len(inputs.models)} model(s) x {len(inputs.strategies)} strategies on `{first.get('dataset', '?')}` "
-            f"({n} samples, {n_safe} of them safe; sha256 `{first['dataset_sha256'][:16]}…`), "
+            f"{len(inputs.models)} model(s) x {len(inputs.strategies)} strategies on `{first.dataset or '?'}` "
+            f"({n} samples, {n_safe} of them safe; sha256 `{first.dataset_sha256[:16]}…`), "
             f"from {len(inputs.runs)} run director{'y' if len(inputs.runs) == 1 else 'ies'}. "
-            f"Semantics: {', '.join(sorted({r.manifest['semantics'] for r in inputs.runs}))}."
+            f"Semantics: {', '.join(sorted({r.manifest.semantics for r in inputs.runs}))}."
         ),
         Text(
             "Micro F1 and Hamming loss are over the taxonomy codes, with scores binarised at each strategy's "
@@ -112,7 +104,9 @@ def _intro(doc: _Doc, inputs: ReportInputs) -> None:
             "ECE and Brier. Brackets are bootstrap 95% intervals (1000 resamples of the samples)."
         ),
     )
-    mixed = [k for k in ("semantics", "calibration", "engine") if len({r.manifest.get(k) for r in inputs.runs}) > 1]
+    mixed = [
+        k for k in ("semantics", "calibration", "engine") if len({getattr(r.manifest, k) for r in inputs.runs}) > 1
+    ]
     if mixed:
         doc.add(Text(f"**Note:** the runs differ in {', '.join(mixed)}; see the run facts before comparing them."))
 
@@ -292,7 +286,7 @@ def _binary(doc: _Doc, inputs: ReportInputs) -> None:
 
 def _uncertainty(doc: _Doc, inputs: ReportInputs) -> None:
     doc.add(Heading(2, "7. Uncertainty strategies: how their threshold was fitted"))
-    notes = sorted({r.manifest.get("calibration_note", "") for r in inputs.runs} - {""})
+    notes = sorted({r.manifest.calibration_note for r in inputs.runs} - {""})
     doc.add(
         Text(
             "The uncertainty strategies predict the top-1 code when a sample's uncertainty exceeds t_opti, else the "

@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from tokmarg.reduce import HEADLINE, label_matrix, score_matrices
+from tokmarg.errors import TokmargError
+from tokmarg.metrics import HEADLINE
+from tokmarg.records import Manifest, RecordError, conform, label_matrix, strategy_results
 from tokmarg.rundir import LABELS_FILE, RUN_FILE, parquet_meta
 from tokmarg.strategies import REGISTRY
 
-MANIFEST_KEYS = ("models", "strategies", "semantics", "engine", "dataset_sha256", "n_samples")
 METRIC_COLUMNS = ("threshold", "ece", "brier", *(f"{m}{s}" for m, _ in HEADLINE for s in ("", "_lo", "_hi")))
 
 
-class ReportError(ValueError):
+class ReportError(TokmargError, ValueError):
     """A run directory cannot be reported (or combined); one line naming it."""
 
 
@@ -32,9 +34,9 @@ class Run:
     """One finished run directory."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     metrics: pd.DataFrame  # metrics.csv
-    scores: dict[tuple[str, str], np.ndarray | None]  # (model, strategy) -> scores in sample order
+    scores: dict[tuple[str, str], np.ndarray | None]  # (model, strategy) -> code scores in sample order
     sample_ids: tuple[str, ...]
     labels: tuple[tuple[str, ...], ...]
     codes: tuple[str, ...]
@@ -50,6 +52,7 @@ class ReportInputs:
     y_true: np.ndarray  # (n, len(codes)) bool
     metrics: pd.DataFrame  # every run's metrics.csv, with a ``run`` column
     score_by: dict[tuple[str, str], np.ndarray | None]  # every run's Run.scores
+    stored_tables: dict[str, pd.DataFrame] | None = None  # a single run's RUN/tables/*.csv (None: compute them)
 
     @property
     def models(self) -> list[str]:
@@ -80,18 +83,28 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def load_run(path: Path) -> Run:
-    """Read one finished run directory; :class:`ReportError` if it is not one."""
+def _manifest(path: Path) -> Manifest:
     if not path.is_dir():
         raise ReportError(f"{path}: not a directory")
     if not (path / "manifest.json").is_file():
         if (path / RUN_FILE).is_file():
             raise ReportError(f"{path}: the run is not finished (no manifest.json); `tokmarg eval --resume {path}`")
         raise ReportError(f"{path}: not a tokmarg run directory (no manifest.json)")
-    manifest = _read_json(path / "manifest.json")
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise ReportError(f"{path / 'manifest.json'}: missing key {missing[0]!r}")
+    try:
+        return Manifest.from_dict(_read_json(path / "manifest.json"))
+    except RecordError as e:
+        raise ReportError(f"{path / 'manifest.json'}: {e}") from None
+
+
+def _columns(where: Path, frame_columns: list[str], cols: tuple[str, ...]) -> None:
+    lack = [c for c in cols if c not in frame_columns]
+    if lack:
+        raise ReportError(f"{where}: missing column {lack[0]!r}")
+
+
+def load_run(path: Path) -> Run:
+    """Read one finished run directory; :class:`ReportError` if it is not one."""
+    manifest = _manifest(path)
     if not (path / LABELS_FILE).is_file():
         raise ReportError(
             f"{path}: no {LABELS_FILE} (runs reduced before the report existed lack it); "
@@ -102,58 +115,48 @@ def load_run(path: Path) -> Run:
         labels = pd.read_parquet(path / LABELS_FILE)
         meta = parquet_meta(path / LABELS_FILE)
         files = sorted((path / "predictions").glob("*.parquet"))
-        pred = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
+        tables = [pq.read_table(f) for f in files]
     except (OSError, ValueError, pa.ArrowException) as e:
         raise ReportError(f"{path}: cannot read its results ({str(e).splitlines()[0]})") from None
-    if pred is None:
+    if not tables:
         raise ReportError(f"{path}: no predictions/*.parquet")
-    for name, frame, cols in (
-        ("metrics.csv", metrics, ("model", "strategy", "f1_micro", "hamming_loss", "roc_auc_micro")),
-        ("predictions", pred, ("model", "strategy", "sample_id", "scores")),
-        (LABELS_FILE, labels, ("sample_id", "labels")),
-    ):
-        lack = [c for c in cols if c not in frame.columns]
-        if lack:
-            raise ReportError(f"{path / name}: missing column {lack[0]!r}")
+    _columns(
+        path / "metrics.csv", list(metrics.columns), ("model", "strategy", "f1_micro", "hamming_loss", "roc_auc_micro")
+    )
+    _columns(path / LABELS_FILE, list(labels.columns), ("sample_id", "labels"))
+    for f, t in zip(files, tables):
+        _columns(f, t.column_names, ("model", "strategy", "sample_id", "scores"))
     codes = tuple(meta.get("codes") or [c[3:] for c in metrics.columns if c.startswith("f1/")])
-    absent = sorted(set(manifest["models"]) - set(metrics["model"]))
+    absent = sorted(set(manifest.models) - set(metrics["model"]))
     if absent:
         raise ReportError(f"{path / 'metrics.csv'}: no rows for model {absent[0]!r} of the manifest")
-    lack = [c for c in METRIC_COLUMNS if c not in metrics.columns]
-    if lack:
-        raise ReportError(f"{path / 'metrics.csv'}: missing column {lack[0]!r}")
+    _columns(path / "metrics.csv", list(metrics.columns), METRIC_COLUMNS)
     ids = [str(i) for i in labels["sample_id"]]
-    pred = pred.assign(sample_id=pred["sample_id"].astype(str))
-    _check_predictions(path, metrics, pred, ids)
-    try:
-        scores = score_matrices(pred, ids, list(codes))
-    except ValueError as e:
+    try:  # runs written before the typed columns hold JSON text: conform reads both
+        pred = pa.concat_tables([conform(t, ("unsafe", *codes)) for t in tables])
+        results = strategy_results(pred, ids, ("unsafe", *codes))
+    except RecordError as e:
         raise ReportError(f"{path / 'predictions'}: {e}") from None
+    _check_predictions(path, metrics, results)
     return Run(
         path=path,
         manifest=manifest,
         metrics=metrics,
-        scores=scores,
+        scores={k: r.code_scores() for k, r in results.items()},
         sample_ids=tuple(ids),
         labels=tuple(tuple(v) for v in labels["labels"]),
         codes=codes,
     )
 
 
-def _check_predictions(path: Path, metrics: pd.DataFrame, pred: pd.DataFrame, ids: list[str]) -> None:
-    """Every model x strategy of metrics.csv is a known strategy with one prediction per labelled sample."""
-    expected = sorted(ids)
-    groups = dict(list(pred.groupby(["model", "strategy"], sort=False)))
+def _check_predictions(path: Path, metrics: pd.DataFrame, results: dict) -> None:
+    """Every model x strategy of metrics.csv is a known strategy with predictions (one per
+    labelled sample: :func:`~tokmarg.records.strategy_results` checks that)."""
     for model, strategy in metrics[["model", "strategy"]].itertuples(index=False):
         if strategy not in REGISTRY:
             raise ReportError(f"{path / 'metrics.csv'}: unknown strategy {strategy!r}")
-        g = groups.get((model, strategy))
-        if g is None or sorted(g["sample_id"]) != expected:
-            n = 0 if g is None else len(g)
-            raise ReportError(
-                f"{path / 'predictions'}: {model} / {strategy} has {n} predictions, not one for each of the "
-                f"{len(ids)} labelled samples"
-            )
+        if (model, strategy) not in results:
+            raise ReportError(f"{path / 'predictions'}: {model} / {strategy} has no predictions")
 
 
 def combine(runs: list[Run]) -> ReportInputs:
@@ -163,7 +166,7 @@ def combine(runs: list[Run]) -> ReportInputs:
     first = runs[0]
     owner: dict[str, Path] = {}
     for run in runs:
-        a, b = first.manifest["dataset_sha256"], run.manifest["dataset_sha256"]
+        a, b = first.manifest.dataset_sha256, run.manifest.dataset_sha256
         if a != b:
             raise ReportError(
                 f"{run.path} and {first.path} used different datasets (sha256 {b[:12]}… vs {a[:12]}…); "
@@ -176,14 +179,26 @@ def combine(runs: list[Run]) -> ReportInputs:
             )
         if run.codes != first.codes:
             raise ReportError(f"{run.path} and {first.path} use different taxonomies")
-        for model in run.manifest["models"]:
+        for model in run.manifest.models:
             if model in owner:
                 raise ReportError(f"model {model!r} is in both {owner[model]} and {run.path}; give each model once")
             owner[model] = run.path
     metrics = pd.concat([r.metrics.assign(run=str(r.path)) for r in runs], ignore_index=True)
     y_true = label_matrix(first.labels, first.codes)
     score_by = {k: v for r in runs for k, v in r.scores.items()}
-    return ReportInputs(tuple(runs), first.codes, first.sample_ids, y_true, metrics, score_by)
+    stored = _stored_tables(first) if len(runs) == 1 else None  # several runs: tables over all their models
+    return ReportInputs(tuple(runs), first.codes, first.sample_ids, y_true, metrics, score_by, stored)
+
+
+def _stored_tables(run: Run) -> dict[str, pd.DataFrame]:
+    """The cross-model tables the run's reduce step wrote (``manifest.tables``)."""
+    out = {}
+    for rel in run.manifest.tables:
+        try:
+            out[Path(rel).stem] = pd.read_csv(run.path / rel)
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{run.path / rel}: cannot read ({str(e).splitlines()[0]})") from None
+    return out
 
 
 def load_inputs(paths: list[Path]) -> ReportInputs:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tokmarg.reduce import HEADLINE  # noqa: E402
+from tokmarg.metrics import HEADLINE  # noqa: E402
 
 LABELS = {"f1_micro": "micro F1", "hamming_loss": "Hamming loss", "roc_auc_micro": "micro ROC AUC"}
 DPI = 100

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from tokmarg.metrics import ECE_BINS, calibration_bins, f1_threshold_curve
-from tokmarg.reduce import HEADLINE, TRANSFER_GRID, cross_model_tables
+from tokmarg.metrics import ECE_BINS, HEADLINE, calibration_bins, f1_threshold_curve
+from tokmarg.reduce import TRANSFER_GRID, cross_model_tables
 from tokmarg.report.inputs import ReportInputs
 from tokmarg.strategies import REGISTRY
 
@@ -22,7 +22,7 @@ BINARY = ("unsafe_f1", "unsafe_pr_auc", "unsafe_fpr")
 
 def score_strategies(inputs: ReportInputs) -> list[str]:
     """Strategies whose scores are thresholded into codes (SPEC §2 ``scores`` kind)."""
-    return [s for s in inputs.strategies if s in REGISTRY and REGISTRY[s].kind == "scores"]
+    return [s for s in inputs.strategies if s in REGISTRY and REGISTRY[s].kind.thresholded]
 
 
 def headline_table(inputs: ReportInputs) -> pd.DataFrame:
@@ -33,7 +33,11 @@ def headline_table(inputs: ReportInputs) -> pd.DataFrame:
 
 
 def cross_tables(inputs: ReportInputs) -> dict[str, pd.DataFrame]:
-    """Generalization, ranking agreement (per headline metric) and threshold transfer; {} for one model."""
+    """Generalization, ranking agreement (per headline metric) and threshold transfer; {} for one
+    model. A single run's are those its reduce step wrote; several runs' are computed over all
+    their models."""
+    if inputs.stored_tables is not None:
+        return inputs.stored_tables
     return cross_model_tables(inputs.metrics, inputs.score_by, inputs.y_true)
 
 
@@ -113,22 +117,17 @@ def uncertainty_table(inputs: ReportInputs) -> pd.DataFrame:
     """model, strategy, calibration mode and the fitted t_opti of each uncertainty strategy."""
     rows = []
     for run in inputs.runs:
-        for model, fitted in (run.manifest.get("t_opti") or {}).items():
+        for model, fitted in run.manifest.t_opti.items():
             for strategy, values in fitted.items():
                 rows.append(
                     {
                         "model": model,
                         "strategy": strategy,
-                        "calibration": run.manifest.get("calibration", ""),
+                        "calibration": run.manifest.calibration,
                         **{k: v for k, v in values.items() if isinstance(v, (int, float))},
                     }
                 )
     return pd.DataFrame(rows)
-
-
-def _seconds(timing: dict) -> float:
-    secs = timing.get("seconds", {})
-    return float(secs["all"]) if "all" in secs else float(sum(secs.values()))
 
 
 def model_facts(inputs: ReportInputs) -> pd.DataFrame:
@@ -137,27 +136,25 @@ def model_facts(inputs: ReportInputs) -> pd.DataFrame:
     n = max(1, len(inputs.sample_ids))
     for run in inputs.runs:
         man = run.manifest
-        launch = man.get("launch", {})
-        workers = launch.get("workers", launch.get("actors", []))
-        for model in man["models"]:
-            t = man.get("timing", {}).get(model, {})
-            w = next((w for w in workers if w.get("model") == model), {})
-            tokens = man.get("tokens_forwarded", {}).get(model, t.get("tokens_forwarded", 0))
+        for model in man.models:
+            t = man.timing.get(model)
+            w = next((w for w in man.workers if w.get("model") == model), {})
+            tokens = man.tokens_forwarded.get(model, t.tokens_forwarded if t else 0)
             rows.append(
                 {
                     "model": model,
                     "run": str(run.path),
-                    "launcher": launch.get("launcher", ""),
+                    "launcher": man.launch.get("launcher", ""),
                     "device": w.get("device", ""),
                     "dtype": w.get("dtype", ""),
-                    "load_seconds": t.get("load_seconds"),
-                    "scoring_seconds": _seconds(t) if t else np.nan,
-                    "seconds_per_sample": _seconds(t) / n if t else np.nan,
+                    "load_seconds": t.load_seconds if t else None,
+                    "scoring_seconds": t.scoring_seconds if t else np.nan,
+                    "seconds_per_sample": t.scoring_seconds / n if t else np.nan,
                     "tokens_forwarded": int(tokens),
                     "tokens_per_sample": tokens / n,
-                    "shared_prefix_tokens": t.get("prefix_tokens"),
-                    "partitions": t.get("partitions"),
-                    "workers": "; ".join(f"{k}: {v}" for k, v in t.get("partitions_by_worker", {}).items()),
+                    "shared_prefix_tokens": t.prefix_tokens if t else None,
+                    "partitions": t.partitions if t else None,
+                    "workers": "; ".join(f"{k}: {v}" for k, v in t.partitions_by_worker.items()) if t else "",
                 }
             )
     return pd.DataFrame(rows)
@@ -168,22 +165,24 @@ def run_facts(inputs: ReportInputs) -> pd.DataFrame:
     rows = []
     for run in inputs.runs:
         man = run.manifest
-        v = man.get("versions", {})
         rows.append(
             {
                 "run": str(run.path),
-                "command": man.get("command", ""),
-                "dataset": man.get("dataset", ""),
-                "dataset_sha256": man["dataset_sha256"],
-                "n_samples": man["n_samples"],
-                "n_skipped": man.get("n_skipped", 0),
-                "semantics": man["semantics"],
-                "engine": man["engine"],
-                "calibration": man.get("calibration", ""),
-                "started": man.get("started", ""),
-                "finished": man.get("finished", ""),
-                **{f"version_{k}": v.get(k, "") for k in ("tokmarg", "torch", "transformers", "ray", "python")},
-                "machine": man.get("machine", {}).get("platform", ""),
+                "command": man.command,
+                "dataset": man.dataset,
+                "dataset_sha256": man.dataset_sha256,
+                "n_samples": man.n_samples,
+                "n_skipped": man.n_skipped,
+                "semantics": man.semantics,
+                "engine": man.engine,
+                "calibration": man.calibration,
+                "started": man.started,
+                "finished": man.finished,
+                **{
+                    f"version_{k}": man.versions.get(k, "")
+                    for k in ("tokmarg", "torch", "transformers", "ray", "python")
+                },
+                "machine": man.machine.get("platform", ""),
             }
         )
     return pd.DataFrame(rows)
@@ -193,7 +192,7 @@ def params_table(inputs: ReportInputs) -> pd.DataFrame:
     """The resolved parameters each model ran with: model, prompt, strategy, then the params."""
     rows = []
     for run in inputs.runs:
-        for model, res in run.manifest.get("resolved", {}).items():
+        for model, res in run.manifest.resolved.items():
             for strategy, p in res.get("params", {}).items():
                 rows.append({"model": model, "prompt": res.get("prompt", ""), "strategy": strategy, **p})
     return pd.DataFrame(rows)

@@ -23,9 +23,14 @@ from tokmarg.probability import (
 )
 from tokmarg.strategies import programs as prog
 from tokmarg.strategies.base import (
+    CODES,
+    KINDS,
     REGISTRY,
+    SCORES,
     SEMANTICS,
+    UNCERTAINTY,
     Context,
+    Kind,
     ModelTokens,
     Query,
     SampleOutput,
@@ -40,7 +45,12 @@ from tokmarg.strategies.base import (
 from tokmarg.strategies.programs import Request
 
 __all__ = [
+    "CODES",
+    "KINDS",
     "REGISTRY",
+    "SCORES",
+    "UNCERTAINTY",
+    "Kind",
     "SEMANTICS",
     "Context",
     "ModelTokens",
@@ -68,7 +78,7 @@ def _greedy(ctx: Context) -> Generator[list[Request], list[NodeStats], tuple[str
     return prog.greedy_scores_exact(ctx.info, path, q.labels)
 
 
-@register("greedy_generation", "codes")
+@register("greedy_generation", CODES)
 def greedy_generation(ctx: Context) -> Out:
     """Codes that occur in the greedy output text (no scores)."""
     text, tok_prob, _ = yield from _greedy(ctx)
@@ -77,21 +87,21 @@ def greedy_generation(ctx: Context) -> Out:
     return SampleOutput(None, codes, greedy_text=text, extra={"unsafe_in_output": float("unsafe" in tok_prob)})
 
 
-@register("token_probability", "scores")
+@register("token_probability", SCORES)
 def token_probability(ctx: Context) -> Out:
     """Probability of the tokens spelling each label where it occurs on the greedy path."""
     text, tok_prob, _ = yield from _greedy(ctx)
     return SampleOutput(tok_prob, greedy_text=text)
 
 
-@register("marginal_probability_at_fixed_place", "scores")
+@register("marginal_probability_at_fixed_place", SCORES)
 def fixed_place(ctx: Context) -> Out:
     """Probability of the greedy prefix up to the end of each label's occurrence."""
     text, _, fixed = yield from _greedy(ctx)
     return SampleOutput(fixed, greedy_text=text)
 
 
-@register("marginal_probability_at_any_place", "scores")
+@register("marginal_probability_at_any_place", SCORES)
 def any_place(ctx: Context) -> Out:
     """Probability that each label occurs anywhere, summed over a pruned continuation tree."""
     q = ctx.query
@@ -132,19 +142,19 @@ def _forced(ctx: Context, u_fn: Callable[[np.ndarray], float]) -> Out:
     )
 
 
-@register("probability_uncertainty", "uncertainty")
+@register("probability_uncertainty", UNCERTAINTY)
 def prob_uncertainty(ctx: Context) -> Out:
     """Forced prefix; top-1/top-2 codes by u = 1/(1 + max softmax probability)."""
     return (yield from _forced(ctx, probability_uncertainty))
 
 
-@register("entropy_uncertainty", "uncertainty")
+@register("entropy_uncertainty", UNCERTAINTY)
 def ent_uncertainty(ctx: Context) -> Out:
     """Forced prefix; top-1/top-2 codes by u = entropy of the softmax over codes."""
     return (yield from _forced(ctx, entropy_uncertainty))
 
 
-@register("LogTokU", "uncertainty")
+@register("LogTokU", UNCERTAINTY)
 def logtoku(ctx: Context) -> Out:
     """Forced prefix; top-1/top-2 codes by LogTokU evidential uncertainty of the top-2 logits."""
     return (yield from _forced(ctx, logtoku_uncertainty))

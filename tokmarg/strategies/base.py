@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from tokmarg.errors import TokmargError
 from tokmarg.matching import DecodeMatcher, TokenMatcher
 
 Matcher = DecodeMatcher | TokenMatcher
@@ -136,15 +137,59 @@ class SampleOutput:
 
 
 @dataclass(frozen=True)
-class Strategy:
-    """A strategy: ``program(ctx)`` yields logits requests and returns a :class:`SampleOutput`.
+class Kind:
+    """What a kind of strategy predicts and how its predictions are scored (SPEC §2-3).
 
-    ``kind``: ``scores`` (thresholded scores), ``codes`` (predicted codes only) or
-    ``uncertainty`` (codes chosen by a dataset-level threshold, see ``uncertainty.finalize``).
+    ``thresholded``: its codes are its scores at or above the strategy's threshold (else it
+    names its codes); ``fitted``: it names them only after a dataset-level step
+    (:func:`tokmarg.strategies.uncertainty.fit_predictions`); ``unsafe_from_output``: in the
+    binary safe/unsafe view, an output that says unsafe counts even without a known code.
     """
 
     name: str
-    kind: str
+    summary: str
+    thresholded: bool = False
+    fitted: bool = False
+    unsafe_from_output: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    def codes(self, scores: np.ndarray | None, named: np.ndarray, threshold: float) -> np.ndarray:
+        """(n, k) bool predicted codes from (n, k) code scores or the (n, k) named codes."""
+        if not self.thresholded:
+            return named
+        return scores >= threshold if scores is not None else np.zeros_like(named)
+
+    def unsafe(
+        self, unsafe_score: np.ndarray | None, codes: np.ndarray, in_output: np.ndarray, threshold: float
+    ) -> np.ndarray:
+        """(n,) bool: predicted unsafe, for the binary view."""
+        if self.thresholded and unsafe_score is not None:
+            return unsafe_score >= threshold
+        named = codes.any(axis=1)
+        return (in_output.astype(bool) | named) if self.unsafe_from_output else named
+
+    def sample_codes(self, out: SampleOutput, threshold: float, codes: Sequence[str]) -> tuple[str, ...]:
+        """One sample's predicted codes (after the dataset-level step for a fitted kind)."""
+        if self.thresholded:
+            return tuple(c for c in codes if (out.scores or {}).get(c, 0.0) >= threshold)
+        return out.pred_labels
+
+
+SCORES = Kind("scores", "per-label scores, thresholded into codes", thresholded=True)
+CODES = Kind("codes", "codes named in the output, no scores", unsafe_from_output=True)
+UNCERTAINTY = Kind("uncertainty", "top-1 or top-2 codes by a dataset-level uncertainty threshold", fitted=True)
+KINDS = {k.name: k for k in (SCORES, CODES, UNCERTAINTY)}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy: ``program(ctx)`` yields logits requests and returns a :class:`SampleOutput`;
+    its :class:`Kind` says what it predicts and how that is scored."""
+
+    name: str
+    kind: Kind
     program: Callable[[Context], Generator[list, list, SampleOutput]]
     doc: str
 
@@ -181,7 +226,7 @@ REGISTRY: dict[str, Strategy] = {}
 ProgramFn = Callable[[Context], Generator[list, list, SampleOutput]]
 
 
-def register(name: str, kind: str) -> Callable[[ProgramFn], ProgramFn]:
+def register(name: str, kind: Kind) -> Callable[[ProgramFn], ProgramFn]:
     def deco(fn: ProgramFn) -> ProgramFn:
         if name in REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
@@ -191,7 +236,7 @@ def register(name: str, kind: str) -> Callable[[ProgramFn], ProgramFn]:
     return deco
 
 
-class UnknownStrategy(KeyError):
+class UnknownStrategy(TokmargError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 

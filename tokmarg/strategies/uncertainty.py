@@ -17,28 +17,26 @@ from tokmarg.strategies.base import SampleOutput
 CALIBRATIONS = ("transductive", "split")
 
 
-def _fit(outs: Sequence[SampleOutput], truth: Sequence[frozenset[str]]) -> float:
-    u = np.array([o.uncertainty for o in outs], dtype=np.float64)
-    top1 = np.array([o.ranked[0] in t for o, t in zip(outs, truth)])  # type: ignore[index]
-    top2 = np.array([o.ranked[1] in t for o, t in zip(outs, truth)])  # type: ignore[index]
-    return t_opti(u, top1, top2)
+def fit_predictions(
+    uncertainty: np.ndarray,
+    ranked: Sequence[Sequence[str]],
+    eligible: np.ndarray,
+    true_labels: Sequence[Sequence[str]],
+    calibration: str,
+    seed: int = 0,
+) -> tuple[list[tuple[str, ...]], dict[str, float]]:
+    """Each sample's predicted codes (its top-1 or top-2 of ``ranked``) and the fitted thresholds.
 
-
-def finalize(
-    outputs: Sequence[SampleOutput], true_labels: Sequence[Sequence[str]], calibration: str, seed: int = 0
-) -> dict[str, float]:
-    """Fill ``pred_labels`` of every output in place; return the fitted thresholds.
-
-    Samples the safe/unsafe gate called safe predict no codes and take no part in the fit.
-    With fewer than 2 eligible samples (or a fold left empty) every sample predicts top-1.
+    ``eligible`` (n,) bool: samples the safe/unsafe gate did not call safe; the others predict
+    no codes and take no part in the fit. With fewer than 2 eligible samples (or a fold left
+    empty) every sample predicts top-1.
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration {calibration!r}; allowed: {', '.join(CALIBRATIONS)}")
+    u_all = np.asarray(uncertainty, dtype=np.float64)
     truth = [frozenset(t) for t in true_labels]
-    elig = [i for i, o in enumerate(outputs) if o.gate_unsafe is not False]
-    for o in outputs:
-        o.pred_labels = ()
-    fitted: dict[str, float] = {}
+    elig = [int(i) for i in np.flatnonzero(eligible)]
+    pred: list[tuple[str, ...]] = [()] * len(u_all)
     if calibration == "transductive":
         folds = [(elig, elig)]
     else:
@@ -46,13 +44,26 @@ def finalize(
         a = [elig[i] for i in sorted(perm[: len(elig) // 2])]
         b = [elig[i] for i in sorted(perm[len(elig) // 2 :])]
         folds = [(b, a), (a, b)]  # (fit on, apply to)
+    fitted: dict[str, float] = {}
     for n, (fit_on, apply_to) in enumerate(folds):
+        t = -np.inf
         if len(fit_on) >= 1 and len(elig) >= 2:
-            t = _fit([outputs[i] for i in fit_on], [truth[i] for i in fit_on])
-        else:
-            t = -np.inf
+            top1 = np.array([ranked[i][0] in truth[i] for i in fit_on])
+            top2 = np.array([ranked[i][1] in truth[i] for i in fit_on])
+            t = t_opti(u_all[fit_on], top1, top2)
         fitted["t_opti" if calibration == "transductive" else f"t_opti_fold{n}"] = float(t)
-        u = np.array([outputs[i].uncertainty for i in apply_to], dtype=np.float64)
-        for i, k in zip(apply_to, choose_k(u, t) if len(apply_to) else []):
-            outputs[i].pred_labels = tuple(outputs[i].ranked[: int(k)])  # type: ignore[index]
+        for i, k in zip(apply_to, choose_k(u_all[apply_to], t) if apply_to else []):
+            pred[i] = tuple(ranked[i][: int(k)])
+    return pred, fitted
+
+
+def finalize(
+    outputs: Sequence[SampleOutput], true_labels: Sequence[Sequence[str]], calibration: str, seed: int = 0
+) -> dict[str, float]:
+    """:func:`fit_predictions` on engine outputs: fill their ``pred_labels`` in place; return the thresholds."""
+    u = np.array([o.uncertainty for o in outputs], dtype=np.float64)
+    eligible = np.array([o.gate_unsafe is not False for o in outputs], dtype=bool)
+    pred, fitted = fit_predictions(u, [o.ranked or () for o in outputs], eligible, true_labels, calibration, seed)
+    for o, p in zip(outputs, pred):
+        o.pred_labels = p
     return fitted

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokmarg.errors import TokmargError
 from tokmarg.taxonomy import Taxonomy
 
 __all__ = [
@@ -122,7 +123,7 @@ class Dataset:
         return any(not s.labels for s in self.samples)
 
 
-class DataError(ValueError):
+class DataError(TokmargError, ValueError):
     """A dataset file or line is invalid.
 
     The message is one line: ``'<path>:<line>: <reason>'`` for a line, or

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokmarg.errors import TokmargError
 from tokmarg.probability import boundary_mask
 from tokmarg.strategies.base import ModelTokens, TokenInfo
 
 
-class ModelError(RuntimeError):
+class ModelError(TokmargError, RuntimeError):
     """A model cannot be found or loaded; the message is one line naming it."""
 
 

@@ -1,0 +1,396 @@
+"""Typed records between the worker, the run directory and the report.
+
+A worker returns a :class:`PartitionResult`: the :class:`SampleOutput` of every strategy for
+every sample of one partition, and a :class:`PartitionMeta` saying who computed it and at
+what cost. The driver writes it as an Arrow table with :func:`prediction_schema` (SPEC §6):
+``scores`` and ``unexplored_by_label`` are structs with one float per label of the run's
+taxonomy (``unsafe`` first, null where the strategy gives the label no score), ``pred_labels``
+and ``ranked`` lists of strings, ``extra`` a struct of the few per-strategy facts. No cell holds
+JSON text, so pandas, polars and DuckDB read the files as they are.
+
+:func:`strategy_results` turns predictions into :class:`StrategyResults`, one per model x
+strategy: the arrays the uncertainty step, the metrics and the report work on, built once.
+Files of runs written before the typed columns (JSON-text cells) are read through
+:func:`upgrade_legacy`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tokmarg.errors import TokmargError
+from tokmarg.strategies import SampleOutput
+
+# the per-strategy facts of SampleOutput.extra, by name and Arrow type
+EXTRA_FIELDS: dict[str, pa.DataType] = {
+    "unsafe_in_output": pa.float64(),  # greedy_generation: the output says unsafe (1.0) or not (0.0)
+    "tree_nodes": pa.int64(),  # marginal_probability_at_any_place: nodes of the pruned tree
+    "gate_unsafe_score": pa.float64(),  # uncertainty strategies: P(unsafe) of the safe/unsafe gate
+}
+LEGACY_JSON = ("scores", "unexplored_by_label", "extra")  # JSON-text columns of runs before the typed ones
+
+
+class RecordError(TokmargError, ValueError):
+    """A predictions table cannot be read as one; one line naming what is wrong."""
+
+
+def label_struct(labels: Sequence[str]) -> pa.StructType:
+    return pa.struct([pa.field(label, pa.float64()) for label in labels])
+
+
+def prediction_schema(labels: Sequence[str]) -> pa.Schema:
+    """The columns of ``partitions/*/part-*.parquet`` and ``predictions/*.parquet``; ``labels``:
+    ``unsafe`` + the taxonomy codes of the run."""
+    scores = label_struct(labels)
+    strings = pa.list_(pa.string())
+    return pa.schema(
+        [
+            ("model", pa.string()),
+            ("strategy", pa.string()),
+            ("sample_id", pa.string()),
+            ("true_labels", strings),
+            ("scores", scores),
+            ("pred_labels", strings),
+            ("unexplored_mass", pa.float64()),
+            ("unexplored_by_label", scores),
+            ("greedy_text", pa.string()),
+            ("uncertainty", pa.float64()),
+            ("ranked", strings),
+            ("gate_unsafe", pa.bool_()),
+            ("tokens_forwarded", pa.int64()),
+            ("extra", pa.struct([pa.field(k, t) for k, t in EXTRA_FIELDS.items()])),
+            ("sample_tokens_forwarded", pa.int64()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class PartitionMeta:
+    """Who computed a partition and what it cost (stored in the partition file's metadata)."""
+
+    model: str
+    index: int
+    seconds: dict[str, float]  # scoring wall time: "all" (fast engine) or per strategy (reference)
+    tokens: int  # tokens forwarded for this partition, all strategies
+    prefix_tokens: int  # shared prompt prefix prefilled once for this partition (fast engine)
+    forward_calls: int  # model calls after the prefix (fast engine)
+    worker: dict  # host, pid, device, dtype (the Ray launcher adds actor, node, GPUs)
+    finished: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PartitionMeta:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})  # type: ignore[arg-type]
+
+
+@dataclass
+class PartitionResult:
+    """One model's outputs for one partition: ``outputs[strategy][i]`` is sample ``i``'s."""
+
+    meta: PartitionMeta
+    sample_ids: tuple[str, ...]
+    true_labels: tuple[tuple[str, ...], ...]
+    outputs: dict[str, list[SampleOutput]]
+    sample_tokens: tuple[int, ...]  # tokens forwarded per sample, all strategies together
+
+    @property
+    def model(self) -> str:
+        return self.meta.model
+
+    @property
+    def index(self) -> int:
+        return self.meta.index
+
+    def table(self, labels: Sequence[str]) -> pa.Table:
+        """The partition's rows, strategy by strategy, in :func:`prediction_schema`."""
+        rows = [
+            _row(self.model, s, sid, truth, out, tok, labels)
+            for s, outs in self.outputs.items()
+            for sid, truth, out, tok in zip(self.sample_ids, self.true_labels, outs, self.sample_tokens)
+        ]
+        return pa.Table.from_pylist(rows, schema=prediction_schema(labels))
+
+
+def _labelled(values: Mapping[str, float] | None, labels: Sequence[str], what: str) -> dict | None:
+    if values is None:
+        return None
+    unknown = set(values) - set(labels)
+    if unknown:
+        raise RecordError(f"{what} names labels outside the run's taxonomy: {sorted(unknown)}")
+    return {k: float(v) for k, v in values.items()}
+
+
+def _row(
+    model: str, strategy: str, sid: str, truth: Sequence[str], o: SampleOutput, tokens: int, labels: Sequence[str]
+) -> dict:
+    unknown = set(o.extra) - set(EXTRA_FIELDS)
+    if unknown:
+        raise RecordError(f"{strategy}: extra facts without a column: {sorted(unknown)}")
+    return {
+        "model": model,
+        "strategy": strategy,
+        "sample_id": sid,
+        "true_labels": list(truth),
+        "scores": _labelled(o.scores, labels, f"{strategy} scores"),
+        "pred_labels": list(o.pred_labels),
+        "unexplored_mass": o.unexplored_mass,
+        "unexplored_by_label": _labelled(o.unexplored_by_label, labels, f"{strategy} unexplored_by_label"),
+        "greedy_text": o.greedy_text,
+        "uncertainty": o.uncertainty,
+        "ranked": None if o.ranked is None else list(o.ranked),
+        "gate_unsafe": o.gate_unsafe,
+        "tokens_forwarded": int(o.tokens_forwarded),
+        "extra": dict(o.extra) if o.extra else None,
+        "sample_tokens_forwarded": int(tokens),
+    }
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def conform(table: pa.Table, labels: Sequence[str]) -> pa.Table:
+    """``table`` in :func:`prediction_schema` (``labels``), JSON-text cells of an older run's file
+    turned into the typed columns; a column the file lacks is null.
+
+    Raises:
+        RecordError: naming the column that cannot be read as its type.
+    """
+    schema = prediction_schema(labels)
+    cols = []
+    for f in schema:
+        if f.name not in table.column_names:
+            cols.append(pa.nulls(len(table), f.type))
+            continue
+        col = table.column(f.name)
+        try:
+            if f.name in LEGACY_JSON and _is_text(col.type):
+                col = pa.array([None if s is None else json.loads(s) for s in col.to_pylist()], type=f.type)
+            cols.append(col.cast(f.type))
+        except (ValueError, TypeError, pa.ArrowException) as e:
+            what = f"JSON objects of numbers for {list(labels)}" if f.name in LEGACY_JSON else str(f.type)
+            raise RecordError(f"column {f.name!r}: not {what} ({str(e).splitlines()[0]})") from None
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+@dataclass
+class StrategyResults:
+    """One model x strategy over every sample, in the order of the run's sample ids."""
+
+    model: str
+    strategy: str
+    scores: np.ndarray | None  # (n, len(labels)) float, ``unsafe`` first, no score = 0; None: no scores at all
+    pred_labels: list[tuple[str, ...]]  # the codes each sample predicts (empty before the uncertainty step)
+    uncertainty: np.ndarray  # (n,) float, NaN where the strategy has none
+    ranked: list[tuple[str, ...]]  # codes by evidence, best first (uncertainty strategies)
+    gate_unsafe: np.ndarray  # (n,) float: 1 unsafe, 0 safe, NaN no gate
+    unsafe_in_output: np.ndarray  # (n,) bool: the greedy output says unsafe
+    tokens_forwarded: np.ndarray  # (n,) int
+    rows: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows in the table
+
+    def code_scores(self) -> np.ndarray | None:
+        """(n, len(codes)): the scores without the ``unsafe`` column."""
+        return None if self.scores is None else self.scores[:, 1:]
+
+    def named(self, codes: Sequence[str]) -> np.ndarray:
+        """(n, len(codes)) bool: the codes in ``pred_labels``."""
+        return label_matrix(self.pred_labels, codes)
+
+
+def label_matrix(labels: Iterable[Iterable[str]], codes: Sequence[str]) -> np.ndarray:
+    """(n, len(codes)) bool: which codes each sample is labelled with."""
+    rows = [set(lab) for lab in labels]
+    return np.array([[c in r for c in codes] for r in rows], dtype=bool).reshape(len(rows), len(codes))
+
+
+def _floats(col: pa.Array, fill: float) -> np.ndarray:
+    return pc.fill_null(pc.cast(col, pa.float64()), fill).to_numpy(zero_copy_only=False)
+
+
+def _score_matrix(col: pa.StructArray, labels: Sequence[str]) -> np.ndarray | None:
+    if col.null_count == len(col):
+        return None
+    present = {f.name for f in col.type}
+    cols = [_floats(pc.struct_field(col, [lab]), 0.0) if lab in present else np.zeros(len(col)) for lab in labels]
+    return np.stack(cols, axis=1) if cols else np.zeros((len(col), 0))
+
+
+def _lists(col: pa.Array) -> list[tuple[str, ...]]:
+    return [tuple(v) if v is not None else () for v in col.to_pylist()]
+
+
+def strategy_results(
+    table: pa.Table, sample_ids: Sequence[str], labels: Sequence[str]
+) -> dict[tuple[str, str], StrategyResults]:
+    """Every (model, strategy) of ``table`` as arrays in the order of ``sample_ids``.
+
+    Raises:
+        RecordError: a row's sample is not one of ``sample_ids``, or a model x strategy does
+            not have exactly one row per sample.
+    """
+    order = {s: i for i, s in enumerate(sample_ids)}
+    keys = table.select(["model", "strategy", "sample_id"]).to_pandas()
+    pos = keys["sample_id"].astype(str).map(order)
+    if pos.isna().any():
+        raise RecordError(f"sample {keys['sample_id'][pos.isna()].iloc[0]!r} is not one of the run's samples")
+    out = {}
+    for (model, strategy), g in keys.groupby(["model", "strategy"], sort=False):
+        p = pos[g.index].to_numpy(dtype=np.int64)
+        if len(p) != len(sample_ids) or len(set(p)) != len(p):
+            raise RecordError(
+                f"{model} / {strategy} has {len(p)} predictions, not one for each of the {len(sample_ids)} samples"
+            )
+        rows = g.index.to_numpy()[np.argsort(p)]
+        out[model, strategy] = _results(model, strategy, table.take(rows), labels, rows)
+    return out
+
+
+def _results(model: str, strategy: str, t: pa.Table, labels: Sequence[str], rows: np.ndarray) -> StrategyResults:
+    extra = t.column("extra").combine_chunks()
+    in_output = (
+        _floats(pc.struct_field(extra, ["unsafe_in_output"]), 0.0)
+        if "unsafe_in_output" in {f.name for f in extra.type}
+        else np.zeros(len(t))
+    )
+    gate = pc.cast(t.column("gate_unsafe"), pa.float64())
+    return StrategyResults(
+        model=model,
+        strategy=strategy,
+        scores=_score_matrix(t.column("scores").combine_chunks(), labels),
+        pred_labels=_lists(t.column("pred_labels")),
+        uncertainty=_floats(t.column("uncertainty"), np.nan),
+        ranked=_lists(t.column("ranked")),
+        gate_unsafe=_floats(gate, np.nan),
+        unsafe_in_output=in_output.astype(bool),
+        tokens_forwarded=t.column("tokens_forwarded").to_numpy(zero_copy_only=False).astype(np.int64),
+        rows=rows,
+    )
+
+
+def with_pred_labels(table: pa.Table, results: Iterable[StrategyResults]) -> pa.Table:
+    """``table`` with the ``pred_labels`` of ``results`` written into their rows."""
+    cells = table.column("pred_labels").to_pylist()
+    for r in results:
+        for row, labels in zip(r.rows, r.pred_labels):
+            cells[int(row)] = list(labels)
+    i = table.column_names.index("pred_labels")
+    return table.set_column(i, "pred_labels", pa.array(cells, type=pa.list_(pa.string())))
+
+
+def _known(cls: type, d: Mapping) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class ModelSummary:
+    """What one model's partitions cost and where they ran (``manifest.json`` ``timing``)."""
+
+    load_seconds: float | None = None  # the first of its workers that loaded
+    partitions: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # "all" (fast) or per strategy (reference)
+    prefix_tokens: int = 0  # the shared prefix prefilled once per partition
+    prefix_tokens_total: int = 0
+    tokens_forwarded: int = 0
+    forward_calls: int = 0
+    partitions_by_worker: dict[str, int] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def scoring_seconds(self) -> float:
+        return float(self.seconds["all"]) if "all" in self.seconds else float(sum(self.seconds.values()))
+
+    @classmethod
+    def of(cls, metas: Sequence[PartitionMeta], load_seconds: float | None) -> ModelSummary:
+        where = [f"{m.worker.get('actor') or 'local'} on {_node(m)[:12]}" for m in metas]
+        keys = sorted({k for m in metas for k in m.seconds})
+        return cls(
+            load_seconds=load_seconds,
+            partitions=len(metas),
+            seconds={k: float(sum(m.seconds.get(k, 0.0) for m in metas)) for k in keys},
+            prefix_tokens=max((m.prefix_tokens for m in metas), default=0),
+            prefix_tokens_total=int(sum(m.prefix_tokens for m in metas)),
+            tokens_forwarded=int(sum(m.tokens for m in metas)),
+            forward_calls=int(sum(m.forward_calls for m in metas)),
+            partitions_by_worker={w: where.count(w) for w in dict.fromkeys(where)},
+            nodes=sorted({_node(m) for m in metas}),
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelSummary:
+        return cls(**_known(cls, d))
+
+
+def _node(m: PartitionMeta) -> str:
+    return m.worker.get("node_id") or m.worker.get("host", "?")
+
+
+MANIFEST_KEYS = ("models", "strategies", "semantics", "engine", "dataset_sha256", "n_samples")
+
+
+@dataclass
+class Manifest:
+    """``RUN/manifest.json``, written last: the run is complete (SPEC §6)."""
+
+    models: list[str]
+    strategies: list[str]
+    semantics: str
+    engine: str
+    dataset_sha256: str
+    n_samples: int
+    command: str = ""
+    calibration: str = "transductive"
+    calibration_note: str = ""
+    t_opti: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # model -> strategy -> t
+    params_file: str = ""
+    inputs_from: dict[str, str] | None = None  # params / dataset: command line, working directory or packaged
+    params: dict = field(default_factory=dict)  # the params file as read
+    resolved: dict = field(default_factory=dict)  # model -> prompt, taxonomy, device, dtype, params
+    taxonomy: str = ""
+    dataset: str = ""
+    n_skipped: int = 0
+    skipped: list = field(default_factory=list)
+    partition_size: int = 0
+    partitions: dict[str, int] = field(default_factory=dict)
+    launch: dict = field(default_factory=dict)  # launcher, workers (one entry per model worker), placement
+    timing: dict[str, ModelSummary] = field(default_factory=dict)
+    tokens_forwarded: dict[str, int] = field(default_factory=dict)
+    tables: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+    started: str = ""
+    finished: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Manifest:
+        """Read a manifest (older runs' too: ``launch.actors`` became ``launch.workers``).
+
+        Raises:
+            RecordError: a required key is missing.
+        """
+        missing = [k for k in MANIFEST_KEYS if k not in d]
+        if missing:
+            raise RecordError(f"missing key {missing[0]!r}")
+        kw = _known(cls, d)
+        kw["timing"] = {m: ModelSummary.from_dict(t) for m, t in (d.get("timing") or {}).items()}
+        launch = dict(d.get("launch") or {})
+        if "actors" in launch and "workers" not in launch:
+            launch["workers"] = launch.pop("actors")
+        kw["launch"] = launch
+        return cls(**kw)
+
+    @property
+    def workers(self) -> list[dict]:
+        return list(self.launch.get("workers", []))

@@ -1,0 +1,155 @@
+"""One settings object for ``tokmarg eval``, built at the edge: the command line's choices, the
+files they name, or a resumed run's own record.
+
+:class:`EvalSettings` holds every choice of a run, each with its default here and nowhere
+else. Choices with a fixed set of values are ``Literal`` types (:data:`Engine`,
+:data:`Semantics`, :data:`Dtype`) checked when the object is built. The fields that decide a
+run's results are stored in ``run.json``; ``tokmarg eval --resume`` rebuilds the settings
+from that record (:meth:`EvalSettings.resume`) and takes only how to run it (the launch, the
+engine's batch sizes, progress) from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, get_args
+
+from tokmarg.engine import DEFAULT_LOOKAHEAD
+from tokmarg.errors import TokmargError
+
+Engine = Literal["fast", "reference"]
+Semantics = Literal["exact", "paper"]
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+DEFAULT_PARTITION_SIZE = 32
+
+
+def default_out() -> Path:
+    """Where a run goes when ``--out`` is not given."""
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+class SettingsError(TokmargError, ValueError):
+    """An option has a value it cannot take, or may not be given with another; one line."""
+
+
+def check_choice(option: str, value: object, kind: object) -> None:
+    allowed = get_args(kind)
+    if value not in allowed:
+        raise SettingsError(f"{option}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs; ``engine`` changes nothing in the results, the rest only the speed."""
+
+    engine: Engine = "fast"
+    batch_size: int = 0  # samples per fast batch; 0 = auto
+    max_forward_tokens: int = 0  # tokens per forward call; 0 = auto
+    lookahead: int = DEFAULT_LOOKAHEAD  # greedy tokens guessed ahead at most (0: none)
+
+    def __post_init__(self) -> None:
+        check_choice("--engine", self.engine, Engine)
+
+    def resolved(self, on_gpu: bool) -> tuple[int, int]:
+        """(batch size, max forward tokens). Attention costs time linear in the batch, and every
+        sequential model call reads all the weights once, so a larger batch costs less per sample
+        (BENCHMARKS.md: the sweep); on a CPU fewer tokens per call keep activations small."""
+        return (self.batch_size or 32), (self.max_forward_tokens or (4096 if on_gpu else 2048))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchSettings:
+    """Where the workers run: Ray (a local instance or a cluster) or this process."""
+
+    ray: bool = True
+    address: str | None = None  # None: start a local Ray instance for the run
+    replicas: int = 1
+    gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_actor: float | None = None  # None: GPU actors 1, CPU actors a fair share
+    max_restarts: int = 3
+    dashboard_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not self.ray and (self.address or self.replicas != 1 or self.gpus_per_actor):
+            raise SettingsError("--no-ray scores in this process: drop --address, --replicas and --gpus-per-actor")
+
+
+# the fields of EvalSettings that decide a run's results: run.json keeps them, --resume reuses them
+RESULT_FIELDS = (
+    "models", "dataset", "params", "strategies", "limit", "semantics", "engine", "device", "dtype",
+    "skip_invalid", "partition_size", "trust_remote_code", "allow_pickle",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """Everything ``tokmarg eval`` was asked to do."""
+
+    params: Path
+    dataset: Path
+    inputs_from: dict[str, str] = field(default_factory=dict)  # params / dataset: command line, cwd or packaged
+    models: tuple[str, ...] | None = None  # None: the params file's default (the embedded model)
+    strategies: tuple[str, ...] | None = None  # None: every strategy the params file runs
+    limit: int | None = None
+    semantics: Semantics | None = None  # None: the params file's
+    device: str = "auto"
+    dtype: Dtype = "auto"
+    skip_invalid: bool = False
+    partition_size: int = DEFAULT_PARTITION_SIZE
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+    out: Path = field(default_factory=default_out)
+    progress: bool = True
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.semantics is not None:
+            check_choice("--semantics", self.semantics, Semantics)
+        check_choice("--dtype", self.dtype, Dtype)
+        if self.partition_size < 1:
+            raise SettingsError(f"--partition-size {self.partition_size}: must be >= 1")
+
+    def record(self) -> dict:
+        """What ``run.json`` stores so that ``--resume`` can rebuild these settings."""
+        out: dict = {"inputs_from": self.inputs_from}
+        for name in RESULT_FIELDS:
+            v = self.engine.engine if name == "engine" else getattr(self, name)
+            out[name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        return out
+
+    def resumed_from(self, run_dir: Path) -> EvalSettings:
+        """These settings, continuing the run in ``run_dir`` with its own inputs (``run.json``)."""
+        f = run_dir / "run.json"
+        try:
+            record = json.loads(f.read_text(encoding="utf-8"))["args"]
+            if not isinstance(record, dict):
+                raise TypeError("args")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SettingsError(f"{f}: cannot resume: not a tokmarg run ({e.__class__.__name__})") from None
+        return replace(self.resume(record, f), out=run_dir)
+
+    def resume(self, record: dict, where: Path) -> EvalSettings:
+        """These settings with the results-deciding fields of a run's ``record`` (``run.json``
+        ``args``); ``where`` names the file in errors."""
+        missing = [k for k in RESULT_FIELDS if k not in record]
+        if missing:
+            raise SettingsError(
+                f"{where}: cannot resume from the command line: the run was not started by `tokmarg eval` "
+                f"(no {', '.join(missing[:3])})"
+            )
+        kw = {k: record[k] for k in RESULT_FIELDS if k != "engine"}
+        for k in ("models", "strategies"):
+            kw[k] = None if kw[k] is None else tuple(kw[k])
+        kw.update(params=Path(kw["params"]), dataset=Path(kw["dataset"]), inputs_from=record.get("inputs_from") or {})
+        return replace(self, engine=replace(self.engine, engine=record["engine"]), **kw)
+
+
+def given_result_options(values: dict[str, object]) -> list[str]:
+    """The results-deciding options among ``values`` (name -> value, None when not given)."""
+    names = {f.name for f in fields(EvalSettings)} | {"engine"}
+    return ["--" + k.replace("_", "-") for k in RESULT_FIELDS if k in names and values.get(k) is not None]
