@@ -54,13 +54,13 @@ def test_paper_shape_lg3(tmp_path: Path) -> None:
     d = load_one(tmp_path, {"unsafe_query": "bad thing", "llama_guard_3_categories": ["S10", "S4"]})
     (s,) = d.samples
     assert s.conversation == (Turn("user", "bad thing"),)
-    assert s.labels == ("S4", "S10")
+    assert s.true_codes == ("S4", "S10")
     assert (s.id, s.line) == ("1", 1)
 
 
 def test_paper_shape_lg2(tmp_path: Path) -> None:
     d = load_one(tmp_path, {"unsafe_query": "x", "llama_guard_2_categories": ["S11"]}, LLAMA_GUARD_2)
-    assert d.samples[0].labels == ("S11",)
+    assert d.samples[0].true_codes == ("S11",)
 
 
 def test_general_prompt_and_response(tmp_path: Path) -> None:
@@ -73,8 +73,8 @@ def test_general_prompt_and_response(tmp_path: Path) -> None:
     )
     d = load_dataset(path, LLAMA_GUARD_3)
     a, b = d.samples
-    assert a.conversation == (Turn("user", "hi"),) and a.labels == () and a.id == "a"
-    assert b.conversation == (Turn("user", "q"), Turn("assistant", "r")) and b.labels == ("S2",)
+    assert a.conversation == (Turn("user", "hi"),) and a.true_codes == () and a.id == "a"
+    assert b.conversation == (Turn("user", "q"), Turn("assistant", "r")) and b.true_codes == ("S2",)
     assert d.has_safe
     assert d.path == str(path) and len(d.sha256) == 64
     assert (d.n_skipped, d.skipped) == (0, ())
@@ -122,12 +122,12 @@ def test_ids_default_to_line_numbers(tmp_path: Path) -> None:
 
 def test_labels_deduplicated_in_taxonomy_order() -> None:
     s = parse_line({"prompt": "p", "labels": ["S14", "S2", "S10", "S2", "S1"]}, 5, LLAMA_GUARD_3)
-    assert s.labels == ("S1", "S2", "S10", "S14")
+    assert s.true_codes == ("S1", "S2", "S10", "S14")
     assert (s.id, s.line) == ("5", 5)
 
 
 def test_custom_taxonomy_general_shape() -> None:
-    assert parse_line({"prompt": "p", "labels": ["B", "A"]}, 1, CUSTOM).labels == ("A", "B")
+    assert parse_line({"prompt": "p", "labels": ["B", "A"]}, 1, CUSTOM).true_codes == ("A", "B")
 
 
 # ----------------------------------------------------------------- record errors
@@ -285,15 +285,15 @@ def test_beavertails_mapping_tables() -> None:
 def test_beavertails_same_code_once() -> None:
     cats = ["terrorism,organized_crime", "violence,aiding_and_abetting,incitement", "self_harm"]
     s = parse_line(bt_row(cats), 1, LLAMA_GUARD_3)
-    assert s.labels == ("S1", "S11")
+    assert s.true_codes == ("S1", "S11")
     assert s.conversation == (Turn("user", "q"), Turn("assistant", "r"))
-    assert parse_line(bt_row(cats), 1, LLAMA_GUARD_2).labels == ("S1", "S10")
+    assert parse_line(bt_row(cats), 1, LLAMA_GUARD_2).true_codes == ("S1", "S10")
 
 
 def test_beavertails_is_safe() -> None:
-    assert parse_line(bt_row([], is_safe=True), 1, LLAMA_GUARD_3).labels == ()
+    assert parse_line(bt_row([], is_safe=True), 1, LLAMA_GUARD_3).true_codes == ()
     # is_safe wins even if a category flag is set
-    assert parse_line(bt_row(["self_harm"], is_safe=True), 1, LLAMA_GUARD_3).labels == ()
+    assert parse_line(bt_row(["self_harm"], is_safe=True), 1, LLAMA_GUARD_3).true_codes == ()
 
 
 @pytest.mark.parametrize(
@@ -324,10 +324,10 @@ def test_beavertails_errors(obj: object, taxonomy: Taxonomy, reason: str) -> Non
 def test_shipped_sample_dataset() -> None:
     d = load_dataset(REPO / "datasets" / "sample.jsonl", LLAMA_GUARD_3)
     assert len(d.samples) >= 75 and d.n_skipped == 0
-    counts = Counter(c for s in d.samples for c in s.labels)
+    counts = Counter(c for s in d.samples for c in s.true_codes)
     assert all(counts[c] >= 3 for c in LLAMA_GUARD_3.codes), counts
-    assert sum(not s.labels for s in d.samples) >= 18
-    assert sum(len(s.labels) >= 2 for s in d.samples) >= 15
+    assert sum(not s.true_codes for s in d.samples) >= 18
+    assert sum(len(s.true_codes) >= 2 for s in d.samples) >= 15
     assert sum(any(t.role == "assistant" for t in s.conversation) for s in d.samples) >= 12
     assert all(s.id == f"s{i:03d}" for i, s in enumerate(d.samples, start=1))
 
@@ -352,7 +352,7 @@ def test_shared_paper_datasets(name: str, taxonomy: Taxonomy, rows: int) -> None
         pytest.skip(f"{path} not present")
     d = load_dataset(path, taxonomy)
     assert len(d.samples) == rows and d.n_skipped == 0
-    assert all(len(s.conversation) == 1 and s.labels for s in d.samples)
+    assert all(len(s.conversation) == 1 and s.true_codes for s in d.samples)
     other = LLAMA_GUARD_2 if taxonomy is LLAMA_GUARD_3 else LLAMA_GUARD_3
     with pytest.raises(DataError, match=":1: field 'llama_guard_"):
         load_dataset(path, other)

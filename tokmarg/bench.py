@@ -67,68 +67,56 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: EngineOptions | None = None) -> dict:
-    """Benchmark the first model of ``cfg`` on ``ds``; returns the SPEC §6 bench object."""
-    mc = cfg.models[0]
-    lm = load_model(mc.name, mc.device, mc.dtype)
-    info, tokens = model_view(lm, cfg.taxonomy.codes)
-    queries = build_queries(lm, mc, load_format(mc.prompt), cfg.taxonomy.labels, ds.samples, ds.has_safe)
-    truth = [s.labels for s in ds.samples]
-    fast_opts = opts or EngineOptions("fast")
-    strategies = list(cfg.strategies)
-    n = len(queries)
+class _Bench:
+    """The first model of a config, loaded once, with its queries; runs engines on them."""
 
-    def run(engine_opts: EngineOptions, names: Sequence[str]) -> _Run:
+    def __init__(self, cfg: Config, ds: Dataset) -> None:
+        self.cfg, self.mc = cfg, cfg.models[0]
+        self.lm = load_model(self.mc.name, self.mc.device, self.mc.dtype)
+        self.info, self.tokens = model_view(self.lm, cfg.taxonomy.codes)
+        fmt = load_format(self.mc.prompt)
+        self.queries = build_queries(self.lm, self.mc, fmt, cfg.taxonomy.labels, ds.samples, ds.has_safe)
+        self.truth = [s.true_codes for s in ds.samples]
+        self.n = len(self.queries)
+        if self.queries:
+            self.lm.forward(self.queries[0].prompt_ids[:16])  # warm-up: first-call setup is not timed
+            prepare(self.lm.model, self.lm.name)  # the fast engine's one-time switch and probe
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def run(self, opts: EngineOptions, names: Sequence[str]) -> _Run:
+        cfg, mc = self.cfg, self.mc
         t0 = time.perf_counter()
-        outs, stats = score(lm, info, tokens, queries, names, mc.params, cfg.semantics, engine_opts)
+        outs, stats = score(self.lm, self.info, self.tokens, self.queries, names, mc.params, cfg.semantics, opts)
         for s in names:
             if REGISTRY[s].kind.fitted:
-                finalize(outs[s], truth, cfg.calibration, cfg.seed)
+                finalize(outs[s], self.truth, cfg.calibration, cfg.seed)
         secs = dict(stats.seconds)
         secs["total"] = time.perf_counter() - t0
         return _Run(outs, secs, stats)
 
-    if queries:
-        lm.forward(queries[0].prompt_ids[:16])  # warm-up: first-call setup is not timed
-        prepare(lm.model, lm.name)  # the fast engine's one-time switch and probe
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    fast = run(fast_opts, strategies)
-    result: dict = {
-        "engines": ["fast"] if fast_only else ["reference", "fast"],
-        "model": mc.name,
-        "semantics": cfg.semantics,
-        "n_samples": n,
-        "batch_size": fast_opts.resolved(lm.device.type == "cuda")[0],
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).replace("torch.", ""),
-        "fast": {
+    def fast_row(self, fast: _Run) -> dict:
+        n = self.n
+        return {
             "samples_per_s": n / fast.seconds["total"],
-            "tokens_per_sample": sum(o.tokens_forwarded for s in strategies for o in fast.outs[s]) / n,
+            "tokens_per_sample": sum(o.tokens_forwarded for outs in fast.outs.values() for o in outs) / n,
             "peak_rss_mb": peak_rss_mb(),
             **engine_cost(fast.stats, fast.seconds["total"], n),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        },
-    }
-    if fast_only:
-        return result
-    ref = run(EngineOptions("reference"), strategies)
-    per: dict[str, dict] = {}
-    bad_all: list[str] = []
-    for s in strategies:
-        alone = run(fast_opts, [s])
-        kind, thr = REGISTRY[s].kind, mc.params[s].threshold
+        }
+
+    def compare(self, s: str, fast: _Run, ref: _Run, alone: _Run) -> dict:
+        """Strategy ``s``: the reference against the fast engine (all strategies, and ``s`` alone)."""
+        kind, thr, codes, n = REGISTRY[s].kind, self.mc.params[s].threshold, self.cfg.taxonomy.codes, self.n
         diffs = [_diff(a, b) for a, b in zip(fast.outs[s], ref.outs[s])]
         disagree = [
             q.sample_id
-            for q, a, b, d in zip(queries, fast.outs[s], ref.outs[s], diffs)
-            if d > AGREE_TOL
-            or kind.sample_codes(a, thr, cfg.taxonomy.codes) != kind.sample_codes(b, thr, cfg.taxonomy.codes)
+            for q, a, b, d in zip(self.queries, fast.outs[s], ref.outs[s], diffs)
+            if d > AGREE_TOL or kind.sample_codes(a, thr, codes) != kind.sample_codes(b, thr, codes)
         ]
-        bad_all += [f"{s}:{i}" for i in disagree]
         ref_tok = sum(o.tokens_forwarded for o in ref.outs[s]) / n
         fast_tok = sum(o.tokens_forwarded for o in alone.outs[s]) / n
-        per[s] = {
+        return {
             "reference_samples_per_s": n / ref.seconds[s],
             "fast_samples_per_s": n / alone.seconds["total"],
             "speedup": ref.seconds[s] / alone.seconds["total"],
@@ -139,20 +127,43 @@ def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: Engine
             "codes_agree": not disagree,
             "disagreeing_samples": disagree,
         }
+
+
+def run_bench(cfg: Config, ds: Dataset, *, fast_only: bool = False, opts: EngineOptions | None = None) -> dict:
+    """Benchmark the first model of ``cfg`` on ``ds``; returns the SPEC §6 bench object."""
+    b = _Bench(cfg, ds)
+    fast_opts = opts or EngineOptions("fast")
+    strategies = list(cfg.strategies)
+    fast = b.run(fast_opts, strategies)
+    result: dict = {
+        "engines": ["fast"] if fast_only else ["reference", "fast"],
+        "model": b.mc.name,
+        "semantics": cfg.semantics,
+        "n_samples": b.n,
+        "batch_size": fast_opts.resolved(b.lm.device.type == "cuda")[0],
+        "device": str(b.lm.device),
+        "dtype": str(b.lm.dtype).replace("torch.", ""),
+        "fast": b.fast_row(fast),
+    }
+    if fast_only:
+        return result
+    ref = b.run(EngineOptions("reference"), strategies)
+    per = {s: b.compare(s, fast, ref, b.run(fast_opts, [s])) for s in strategies}
     ref_total = sum(ref.seconds[s] for s in strategies)
-    ref_tok = sum(o.tokens_forwarded for s in strategies for o in ref.outs[s]) / n
+    ref_tok = sum(o.tokens_forwarded for s in strategies for o in ref.outs[s]) / b.n
+    f = result["fast"]
     result["per_strategy"] = per
     result["all"] = {
-        "reference_samples_per_s": n / ref_total,
-        "fast_samples_per_s": result["fast"]["samples_per_s"],
+        "reference_samples_per_s": b.n / ref_total,
+        "fast_samples_per_s": f["samples_per_s"],
         "speedup": ref_total / fast.seconds["total"],
         "reference_tokens_per_sample": ref_tok,
-        "fast_tokens_per_sample": result["fast"]["tokens_per_sample"],
-        "token_ratio": ref_tok / max(result["fast"]["tokens_per_sample"], 1e-9),
-        **engine_cost(fast.stats, fast.seconds["total"], n),
+        "fast_tokens_per_sample": f["tokens_per_sample"],
+        "token_ratio": ref_tok / max(f["tokens_per_sample"], 1e-9),
+        **engine_cost(fast.stats, fast.seconds["total"], b.n),
         "max_abs_diff": max(p["max_abs_diff"] for p in per.values()),
-        "codes_agree": not bad_all,
-        "disagreeing": bad_all,
+        "codes_agree": all(p["codes_agree"] for p in per.values()),
+        "disagreeing": [f"{s}:{i}" for s, p in per.items() for i in p["disagreeing_samples"]],
     }
     return result
 
@@ -234,3 +245,13 @@ def bench(settings: EvalSettings, *, fast_only: bool = False, actors: Sequence[i
             address=settings.launch.address,
         )
     return run_bench(cfg, ds, fast_only=fast_only, opts=settings.engine)
+
+
+def actor_counts(text: str) -> list[int]:
+    """``--actors 0,1,2`` as counts; :class:`~tokmarg.settings.SettingsError` if it is not that."""
+    from tokmarg.settings import SettingsError, split_names
+
+    words = split_names([text]) or []
+    if not words or not all(w.isdigit() for w in words):
+        raise SettingsError(f"--actors {text!r}: expected actor counts such as 0,1,2 (0: without Ray)")
+    return [int(w) for w in words]

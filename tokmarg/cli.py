@@ -27,26 +27,28 @@ app = typer.Typer(
 
 Opt = typer.Option
 Models = Annotated[list[str] | None, Opt(help="models: preset, HF id or local dir (default: embedded SmolLM2)")]
-Dataset = Annotated[Path | None, Opt(help="JSONL dataset [default: ./datasets/sample.jsonl, else the packaged sample]")]
-Params = Annotated[Path | None, Opt(help="params.yaml [default: ./params.yaml, else the packaged defaults]")]
+Dataset = Annotated[Path | None, Opt(help="JSONL dataset (default: ./datasets/sample.jsonl, else the packaged sample)")]
+Params = Annotated[Path | None, Opt(help="params.yaml (default: ./params.yaml, else the packaged defaults)")]
 Strategies = Annotated[list[str] | None, Opt(help="subset of strategies (default: all in params)")]
 Limit = Annotated[int | None, Opt(min=1, help="first N samples only")]
 Semantics = Annotated[str | None, Opt(help="exact | paper (overrides params)")]
 Engine = Annotated[str | None, Opt(help="fast (KV cache, tree attention; default) | reference (full forwards)")]
-Device = Annotated[str | None, Opt(help="auto | cpu | cuda:N [default: auto]")]
-Dtype = Annotated[str | None, Opt(help="auto | fp32 | bf16 | fp16 [default: auto]")]
-BatchSize = Annotated[int, Opt(min=0, help="samples per fast-engine batch (0 = auto)")]
-MaxForward = Annotated[int, Opt(min=0, help="tokens per forward call (0 = auto)")]
+Device = Annotated[str | None, Opt(help="auto | cpu | cuda:N (default: auto)")]
+Dtype = Annotated[str | None, Opt(help="auto | fp32 | bf16 | fp16 (default: auto)")]
+BatchSize = Annotated[int | None, Opt(min=0, help="samples per fast-engine batch (default: 0 = auto)")]
+MaxForward = Annotated[int | None, Opt(min=0, help="tokens per forward call (default: 0 = auto)")]
 SkipInvalid = Annotated[bool | None, Opt("--skip-invalid", help="skip invalid dataset lines (counted)")]
 TrustCode = Annotated[bool | None, Opt("--trust-remote-code", help="allow a model's own Python code (unsafe)")]
 Pickle = Annotated[bool | None, Opt("--allow-pickle", help="allow pickle (.bin) checkpoints (unsafe)")]
-PartitionSize = Annotated[int | None, Opt(min=1, help="samples per partition (unit of work and resume) [default: 32]")]
+PartitionSize = Annotated[int | None, Opt(min=1, help="samples per partition (unit of work and resume) (default: 32)")]
 Address = Annotated[
     str | None, Opt(help="join a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (default: start one)")
 ]
 Gpus = Annotated[float | None, Opt(min=0, help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")]
 Cpus = Annotated[float | None, Opt(min=0, help="CPUs per actor (default: GPU actors 1, CPU actors a fair share)")]
-Dashboard = Annotated[str, Opt(help="interface of the local Ray dashboard (anything but 127.0.0.1 exposes it)")]
+Dashboard = Annotated[
+    str | None, Opt(help="interface of the local Ray dashboard; anything but 127.0.0.1 exposes it (default: 127.0.0.1)")
+]
 OOM_HINT = "out of memory: lower --batch-size or --max-forward-tokens (or use a smaller dtype)"
 
 
@@ -79,19 +81,6 @@ def _fail(msg: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _split(values: list[str] | None) -> tuple[str, ...] | None:
-    """``--models A B``, ``--models A,B`` and ``--models A --models B`` alike."""
-    out = tuple(v for item in values or [] for v in item.replace(",", " ").split() if v)
-    return out or None
-
-
-def _inputs(params: Path | None, dataset: Path | None) -> dict:
-    from tokmarg.inputs import dataset_file, params_file
-
-    (p, p_from), (d, d_from) = params_file(params), dataset_file(dataset)
-    return {"params": p.resolve(), "dataset": d.resolve(), "inputs_from": {"params": p_from, "dataset": d_from}}
-
-
 @app.command("strategies")
 def strategies_cmd() -> None:
     """List the strategies and what each computes."""
@@ -103,65 +92,64 @@ def strategies_cmd() -> None:
 
 @app.command("validate")
 def validate_cmd(
-    dataset: Dataset = None, params: Params = None, models: Models = None, strategies: Strategies = None,
+    dataset: Dataset = None,
+    params: Params = None,
+    models: Models = None,
+    strategies: Strategies = None,
     skip_invalid: SkipInvalid = None,
-) -> None:  # fmt: skip
+) -> None:
     """Check a dataset and a params file without loading a model."""
+    options = dict(locals())
     from tokmarg.report.text import inputs_summary
     from tokmarg.runner import load_inputs
-    from tokmarg.settings import EvalSettings
+    from tokmarg.settings import from_options
 
     with _errors():
-        s = EvalSettings(**_inputs(params, dataset), models=_split(models), strategies=_split(strategies),
-                         skip_invalid=bool(skip_invalid))  # fmt: skip
+        s = from_options(options)
         typer.echo(inputs_summary(s, *load_inputs(s)))
 
 
 @app.command("eval", context_settings={"allow_extra_args": True})
 def eval_cmd(
-    ctx: typer.Context, models: Models = None, dataset: Dataset = None, params: Params = None,
-    strategies: Strategies = None, limit: Limit = None, semantics: Semantics = None, engine: Engine = None,
-    batch_size: BatchSize = 0, max_forward_tokens: MaxForward = 0,
+    ctx: typer.Context,
+    models: Models = None,
+    dataset: Dataset = None,
+    params: Params = None,
+    strategies: Strategies = None,
+    limit: Limit = None,
+    semantics: Semantics = None,
+    engine: Engine = None,
+    batch_size: BatchSize = None,
+    max_forward_tokens: MaxForward = None,
     out: Annotated[Path | None, Opt(help="run directory (default runs/<timestamp>)")] = None,
     resume: Annotated[Path | None, Opt(help="continue this run directory (its own inputs)")] = None,
-    device: Device = None, dtype: Dtype = None, skip_invalid: SkipInvalid = None,
-    trust_remote_code: TrustCode = None, allow_pickle: Pickle = None, partition_size: PartitionSize = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    skip_invalid: SkipInvalid = None,
+    trust_remote_code: TrustCode = None,
+    allow_pickle: Pickle = None,
+    partition_size: PartitionSize = None,
     no_ray: Annotated[bool, Opt("--no-ray", help="score in this process, one model at a time")] = False,
-    address: Address = None, replicas: Annotated[int, Opt(min=1, help="actors per model")] = 1,
-    gpus_per_actor: Gpus = None, cpus_per_actor: Cpus = None,
-    max_restarts: Annotated[int, Opt(min=0, help="restarts of a crashed actor (its call is retried)")] = 3,
-    dashboard_host: Dashboard = "127.0.0.1", progress: Annotated[bool, Opt(help="show progress bars")] = True,
+    address: Address = None,
+    replicas: Annotated[int | None, Opt(min=1, help="actors per model (default: 1)")] = None,
+    gpus_per_actor: Gpus = None,
+    cpus_per_actor: Cpus = None,
+    max_restarts: Annotated[
+        int | None, Opt(min=0, help="restarts of a crashed actor, its call retried (default: 3)")
+    ] = None,
+    dashboard_host: Dashboard = None,
+    progress: Annotated[bool, Opt(help="show progress bars")] = True,
     no_report: Annotated[bool, Opt("--no-report", help="skip writing RUN/report (tokmarg report)")] = False,
-) -> None:  # fmt: skip
+) -> None:
     """Score a dataset with every strategy on every model, print the strategy x model tables and
     write the report (RUN/report/report.html)."""
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "no_report")}
     from tokmarg.report.text import eval_summary
     from tokmarg.runner import evaluate
-    from tokmarg.settings import EngineOptions, EvalSettings, LaunchSettings, default_out, given_result_options
+    from tokmarg.settings import from_options
 
-    given = dict(models=models or (ctx.args or None), dataset=dataset, params=params, strategies=strategies,
-                 limit=limit, semantics=semantics, engine=engine, device=device, dtype=dtype,
-                 skip_invalid=skip_invalid, partition_size=partition_size, trust_remote_code=trust_remote_code,
-                 allow_pickle=allow_pickle, out=out)  # fmt: skip
-    if resume is not None and (given_result_options(given) or out or ctx.args):
-        drop = ", ".join([*given_result_options(given), *(["--out"] if out else [])]) or " ".join(ctx.args)
-        raise _fail(f"--resume takes the run's inputs from {resume / 'run.json'}; drop {drop}")
-    if ctx.args and not models:
-        raise _fail(f"unexpected argument(s): {' '.join(ctx.args)}")
-    with _errors(resume or out):
-        s = EvalSettings(
-            **_inputs(params, dataset), models=_split([*(models or []), *ctx.args]), strategies=_split(strategies),
-            limit=limit, semantics=semantics, device=device or "auto", dtype=dtype or "auto",
-            skip_invalid=bool(skip_invalid), trust_remote_code=bool(trust_remote_code), allow_pickle=bool(allow_pickle),
-            engine=EngineOptions(engine or "fast", batch_size, max_forward_tokens), out=resume or out or default_out(),
-            launch=LaunchSettings(ray=not no_ray, address=address, replicas=replicas, gpus_per_actor=gpus_per_actor,
-                                  cpus_per_actor=cpus_per_actor, max_restarts=max_restarts,
-                                  dashboard_host=dashboard_host),
-            progress=progress, command=shlex.join(["tokmarg", *sys.argv[1:]]),
-            **({"partition_size": partition_size} if partition_size else {}),
-        )  # fmt: skip
-        if resume is not None:
-            s = s.resumed_from(resume)
+    with _errors():
+        s = from_options(options, ctx.args, command=shlex.join(["tokmarg", *sys.argv[1:]]))
     with _errors(s.out):
         metrics, manifest = evaluate(s)
     typer.echo(eval_summary(metrics, manifest))
@@ -197,33 +185,31 @@ def report_cmd(
 @app.command("bench")
 def bench_cmd(
     models: Annotated[list[str] | None, Opt(help="the model to benchmark (first one)")] = None,
-    dataset: Dataset = None, params: Params = None, strategies: Strategies = None,
-    limit: Annotated[int | None, Opt(min=1, help="first N samples only")] = 20, semantics: Semantics = None,
-    device: Device = None, dtype: Dtype = None, batch_size: BatchSize = 0, max_forward_tokens: MaxForward = 0,
+    dataset: Dataset = None,
+    params: Params = None,
+    strategies: Strategies = None,
+    limit: Annotated[int, Opt(min=1, help="first N samples only")] = 20,
+    semantics: Semantics = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    batch_size: BatchSize = None,
+    max_forward_tokens: MaxForward = None,
     lookahead: Annotated[int | None, Opt(min=0, help="greedy tokens guessed ahead at most (0: none)")] = None,
     fast_only: Annotated[bool, Opt(help="time the fast engine only (peak memory rows)")] = False,
-    actors: Annotated[
-        str | None, Opt(help="instead: eval throughput with these CPU actor counts, e.g. 0,1,2 (0: no Ray)")
-    ] = None,
+    actors: Annotated[str | None, Opt(help="instead: eval throughput with these CPU actor counts, e.g. 0,1,2")] = None,
     partition_size: Annotated[int, Opt(min=1, help="samples per partition (with --actors)")] = 8,
     address: Annotated[str | None, Opt(help="Ray cluster to join (with --actors; default: local)")] = None,
     as_json: Annotated[bool, Opt("--json", help="print one JSON object")] = False,
-) -> None:  # fmt: skip
+) -> None:
     """Reference vs fast engine: speed, tokens forwarded, agreement (or, with --actors, Ray throughput)."""
-    from tokmarg.bench import bench
+    options = {k: v for k, v in locals().items() if k not in ("fast_only", "actors", "as_json")}
+    from tokmarg.bench import actor_counts, bench
     from tokmarg.report.text import actor_bench_summary, bench_summary
-    from tokmarg.settings import EngineOptions, EvalSettings, LaunchSettings
+    from tokmarg.settings import from_options
 
-    counts = [int(a) for a in (_split([actors]) or []) if a.isdigit()] if actors else None
-    if actors and (not counts or len(counts) != len(_split([actors]) or [])):
-        raise _fail(f"--actors {actors!r}: expected actor counts such as 0,1,2 (0: without Ray)")
     with _errors():
-        eng = EngineOptions("fast", batch_size, max_forward_tokens, *([] if lookahead is None else [lookahead]))
-        s = EvalSettings(
-            **_inputs(params, dataset), models=_split(models), strategies=_split(strategies), limit=limit,
-            semantics=semantics, device=device or "auto", dtype=dtype or "auto", engine=eng,
-            partition_size=partition_size, launch=LaunchSettings(address=address), progress=False,
-        )  # fmt: skip
+        counts = actor_counts(actors) if actors else None
+        s = from_options(options)
         res = bench(s, fast_only=fast_only, actors=counts)
     if as_json:
         typer.echo(json.dumps(res))

@@ -18,7 +18,8 @@ from tokmarg.errors import TokmargError
 from tokmarg.models import DEFAULT_MODEL, DTYPES
 from tokmarg.prompts import BUILTIN_FORMATS, PromptError, load_format
 from tokmarg.strategies import REGISTRY, SEMANTICS, StrategyParams
-from tokmarg.strategies.uncertainty import CALIBRATIONS
+from tokmarg.strategies.base import Semantics
+from tokmarg.strategies.uncertainty import CALIBRATIONS, Calibration
 from tokmarg.taxonomy import BUILTIN, Taxonomy, TaxonomyError, get_taxonomy, taxonomy_from_mapping
 
 PARAM_KEYS = tuple(f.name for f in fields(StrategyParams))
@@ -45,8 +46,8 @@ class ModelConfig:
 class Config:
     path: str
     raw: dict
-    semantics: str
-    calibration: str
+    semantics: Semantics
+    calibration: Calibration
     taxonomy: Taxonomy  # the dataset's taxonomy
     strategies: tuple[str, ...]
     models: tuple[ModelConfig, ...]
@@ -142,26 +143,62 @@ def build_config(
         "--semantics" if semantics else f"{f}: semantics", semantics or raw.get("semantics", "exact"), SEMANTICS
     )
     cal = _choice(f"{f}: calibration", raw.get("calibration", "transductive"), CALIBRATIONS)
-    custom: dict[str, Taxonomy] = {}
-    for name, spec in _mapping(f"{f}: taxonomies", raw.get("taxonomies")).items():
-        if name in BUILTIN:
-            raise ConfigError(f"{f}: taxonomies.{name}: shadows a built-in taxonomy")
-        try:
-            custom[name] = taxonomy_from_mapping(name, spec, f"{f}: taxonomies.{name}")
-        except TaxonomyError as e:
-            raise ConfigError(str(e)) from None
+    taxonomies = _Taxonomies(f, raw)
+    taxonomy = taxonomies.get(f"{f}: taxonomy", raw.get("taxonomy", "llama_guard_3"))
+    base_dir = Path(path).resolve().parent
+    defaults = _ModelDefaults(
+        prompt=_prompt(f"{f}: prompt", raw.get("prompt", "instruct"), base_dir),
+        device=_string("--device", device, "auto"),
+        dtype=_choice("--dtype", dtype, list(DTYPES)),
+        base_dir=base_dir,
+    )
+    base, chosen = _strategies(f, raw, strategies)
+    model_raw = _mapping(f"{f}: models", raw.get("models"))
+    names = list(models or [DEFAULT_MODEL])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--models: a model is named twice in {names}")
+    built = {
+        name: _model(f, name, model_raw.get(name), base, chosen, taxonomy, taxonomies, defaults)
+        for name in [*model_raw, *(n for n in names if n not in model_raw)]  # every entry is validated
+    }
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{f}: seed: {seed!r} must be an integer")
+    return Config(f, raw, sem, cal, taxonomy, tuple(chosen), tuple(built[n] for n in names), seed)  # type: ignore[arg-type]
 
-    def tax(where: str, name: object) -> Taxonomy:
+
+class _Taxonomies:
+    """The built-in taxonomies and the params file's own (``taxonomies:``)."""
+
+    def __init__(self, f: str, raw: dict) -> None:
+        self.custom: dict[str, Taxonomy] = {}
+        for name, spec in _mapping(f"{f}: taxonomies", raw.get("taxonomies")).items():
+            if name in BUILTIN:
+                raise ConfigError(f"{f}: taxonomies.{name}: shadows a built-in taxonomy")
+            try:
+                self.custom[name] = taxonomy_from_mapping(name, spec, f"{f}: taxonomies.{name}")
+            except TaxonomyError as e:
+                raise ConfigError(str(e)) from None
+
+    def get(self, where: str, name: object) -> Taxonomy:
         try:
-            return get_taxonomy(str(name), custom)
+            return get_taxonomy(str(name), self.custom)
         except TaxonomyError as e:
             raise ConfigError(f"{where}: {e}") from None
 
-    taxonomy = tax(f"{f}: taxonomy", raw.get("taxonomy", "llama_guard_3"))
-    base_dir = Path(path).resolve().parent
-    default_prompt = _prompt(f"{f}: prompt", raw.get("prompt", "instruct"), base_dir)
-    dev = _string("--device", device, "auto")
-    dt = _choice("--dtype", dtype, list(DTYPES))
+
+@dataclass(frozen=True)
+class _ModelDefaults:
+    prompt: str
+    device: str
+    dtype: str
+    base_dir: Path
+
+
+def _strategies(
+    f: str, raw: dict, strategies: Sequence[str] | None
+) -> tuple[dict[str, dict[str, float | int]], list[str]]:
+    """(each strategy's params from ``strategies:``, the strategies that run, in registry order)."""
     strat_raw = _mapping(f"{f}: strategies", raw.get("strategies"))
     for name in strat_raw:
         if name not in REGISTRY:
@@ -172,39 +209,40 @@ def build_config(
     for s in chosen:
         if s not in REGISTRY:
             raise ConfigError(f"--strategies: unknown strategy {s!r}; known: {', '.join(REGISTRY)}")
-    chosen = [s for s in REGISTRY if s in chosen]  # registry order, no duplicates
+    return base, [s for s in REGISTRY if s in chosen]  # registry order, no duplicates
 
-    model_raw = _mapping(f"{f}: models", raw.get("models"))
-    names = list(models or [DEFAULT_MODEL])
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--models: a model is named twice in {names}")
-    built = {}
-    for name in [*model_raw, *(n for n in names if n not in model_raw)]:  # every entry is validated
-        where = f"{f}: models.{name}"
-        entry = _mapping(where, model_raw.get(name), MODEL_KEYS)
-        shared = _params(where, {k: v for k, v in entry.items() if k in PARAM_KEYS})
-        per = _mapping(f"{where}.strategies", entry.get("strategies"))
-        for s in per:
-            if s not in REGISTRY:
-                raise ConfigError(f"{where}.strategies.{s}: unknown strategy; known: {', '.join(REGISTRY)}")
-        resolved = {
-            s: StrategyParams(**{**base[s], **shared, **_params(f"{where}.strategies.{s}", per.get(s))})
-            for s in REGISTRY
-        }
-        prompt = _prompt(f"{where}.prompt", entry["prompt"], base_dir) if "prompt" in entry else default_prompt
-        m_tax = tax(f"{where}.taxonomy", entry.get("taxonomy", taxonomy.name))
-        if set(taxonomy.codes) - set(m_tax.codes):
-            raise ConfigError(f"{where}.taxonomy: {m_tax.name} lacks codes of the dataset taxonomy {taxonomy.name}")
-        built[name] = ModelConfig(
-            name,
-            prompt,
-            m_tax,
-            _string(f"{where}.answer_prefix", entry.get("answer_prefix"), ""),
-            _string(f"{where}.device", entry.get("device"), dev),
-            _choice(f"{where}.dtype", entry.get("dtype", dt), list(DTYPES)),
-            {s: resolved[s] for s in chosen},
-        )
-    seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{f}: seed: {seed!r} must be an integer")
-    return Config(f, raw, sem, cal, taxonomy, tuple(chosen), tuple(built[n] for n in names), seed)
+
+def _model(
+    f: str,
+    name: str,
+    value: object,
+    base: dict[str, dict[str, float | int]],
+    chosen: list[str],
+    taxonomy: Taxonomy,
+    taxonomies: _Taxonomies,
+    defaults: _ModelDefaults,
+) -> ModelConfig:
+    """One ``models.<name>`` entry (or none) resolved against the file's defaults."""
+    where = f"{f}: models.{name}"
+    entry = _mapping(where, value, MODEL_KEYS)
+    shared = _params(where, {k: v for k, v in entry.items() if k in PARAM_KEYS})
+    per = _mapping(f"{where}.strategies", entry.get("strategies"))
+    for s in per:
+        if s not in REGISTRY:
+            raise ConfigError(f"{where}.strategies.{s}: unknown strategy; known: {', '.join(REGISTRY)}")
+    resolved = {
+        s: StrategyParams(**{**base[s], **shared, **_params(f"{where}.strategies.{s}", per.get(s))}) for s in REGISTRY
+    }
+    prompt = _prompt(f"{where}.prompt", entry["prompt"], defaults.base_dir) if "prompt" in entry else defaults.prompt
+    m_tax = taxonomies.get(f"{where}.taxonomy", entry.get("taxonomy", taxonomy.name))
+    if set(taxonomy.codes) - set(m_tax.codes):
+        raise ConfigError(f"{where}.taxonomy: {m_tax.name} lacks codes of the dataset taxonomy {taxonomy.name}")
+    return ModelConfig(
+        name,
+        prompt,
+        m_tax,
+        _string(f"{where}.answer_prefix", entry.get("answer_prefix"), ""),
+        _string(f"{where}.device", entry.get("device"), defaults.device),
+        _choice(f"{where}.dtype", entry.get("dtype", defaults.dtype), list(DTYPES)),
+        {s: resolved[s] for s in chosen},
+    )

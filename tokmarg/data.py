@@ -97,13 +97,14 @@ class Turn:
 class Sample:
     """One labelled conversation.
 
-    ``labels`` holds taxonomy codes, deduplicated and in taxonomy order; ``()`` means safe.
+    ``true_codes`` holds the taxonomy codes it is labelled with, deduplicated and in taxonomy
+    order; ``()`` means safe.
     ``line`` is the 1-based line number in the source file.
     """
 
     id: str
     conversation: tuple[Turn, ...]
-    labels: tuple[str, ...]
+    true_codes: tuple[str, ...]
     line: int
 
 
@@ -120,7 +121,7 @@ class Dataset:
     @property
     def has_safe(self) -> bool:
         """Whether any sample is labelled safe (empty labels)."""
-        return any(not s.labels for s in self.samples)
+        return any(not s.true_codes for s in self.samples)
 
 
 class DataError(TokmargError, ValueError):
@@ -239,6 +240,18 @@ def parse_line(obj: object, line: int, taxonomy: Taxonomy) -> Sample:
             raise _RecordError(f"field 'id' must be a non-empty string, got {obj['id']!r}")
         sid = obj["id"]
 
+    shape = _shape(obj)
+    if shape == "paper":
+        conv, labels = _paper(obj, taxonomy)
+    elif shape == "BeaverTails":
+        conv, labels = _beavertails(obj, taxonomy)
+    else:
+        conv, labels = _general(obj, taxonomy)
+    return Sample(sid, conv, labels, line)
+
+
+def _shape(obj: dict) -> str:
+    """Which of the three shapes the record has (exactly one)."""
     paper_keys = [k for k in _PAPER_KEYS if k in obj]
     shapes = [
         name
@@ -254,41 +267,57 @@ def parse_line(obj: object, line: int, taxonomy: Taxonomy) -> Sample:
     if not shapes:
         keys = ", ".join(repr(k) for k in sorted(obj)) or "none"
         raise _RecordError(f"unrecognised record shape (keys: {keys}); {_SHAPES_HINT}")
+    return shapes[0]
 
-    shape = shapes[0]
-    if shape == "paper":
-        if len(paper_keys) != 1:
-            found = " and ".join(paper_keys) if paper_keys else "neither"
-            raise _RecordError(
-                f"paper shape needs exactly one of 'llama_guard_3_categories', 'llama_guard_2_categories' "
-                f"(found {found})"
-            )
-        key = paper_keys[0]
-        if _PAPER_KEYS[key] != taxonomy.name:
-            raise _RecordError(
-                f"field {key!r} requires taxonomy {_PAPER_KEYS[key]}, but the taxonomy is {taxonomy.name}"
-            )
-        conv: tuple[Turn, ...] = (Turn("user", _text(obj, "unsafe_query", "paper")),)
-        labels = _codes(obj, key, taxonomy)
-    elif shape == "BeaverTails":
-        conv, labels = _beavertails(obj, taxonomy)
+
+def _paper(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
+    paper_keys = [k for k in _PAPER_KEYS if k in obj]
+    if len(paper_keys) != 1:
+        found = " and ".join(paper_keys) if paper_keys else "neither"
+        raise _RecordError(
+            f"paper shape needs exactly one of 'llama_guard_3_categories', 'llama_guard_2_categories' (found {found})"
+        )
+    key = paper_keys[0]
+    if _PAPER_KEYS[key] != taxonomy.name:
+        raise _RecordError(f"field {key!r} requires taxonomy {_PAPER_KEYS[key]}, but the taxonomy is {taxonomy.name}")
+    return (Turn("user", _text(obj, "unsafe_query", "paper")),), _codes(obj, key, taxonomy)
+
+
+def _general(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
+    if "conversation" in obj:
+        for key in ("prompt", "response"):
+            if key in obj:
+                raise _RecordError(f"field {key!r} cannot be combined with 'conversation'")
+        conv = _conversation(obj["conversation"])
+    elif "prompt" in obj:
+        conv = (Turn("user", _text(obj, "prompt", "general")),)
+        if "response" in obj:
+            conv += (Turn("assistant", _text(obj, "response", "general")),)
     else:
-        if "conversation" in obj:
-            for key in ("prompt", "response"):
-                if key in obj:
-                    raise _RecordError(f"field {key!r} cannot be combined with 'conversation'")
-            conv = _conversation(obj["conversation"])
-        elif "prompt" in obj:
-            conv = (Turn("user", _text(obj, "prompt", "general")),)
-            if "response" in obj:
-                conv += (Turn("assistant", _text(obj, "response", "general")),)
-        else:
-            raise _RecordError("missing field 'prompt' or 'conversation' (general shape)")
-        labels = _codes(obj, "labels", taxonomy)
-    return Sample(sid, conv, labels, line)
+        raise _RecordError("missing field 'prompt' or 'conversation' (general shape)")
+    return conv, _codes(obj, "labels", taxonomy)
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _read(name: str) -> tuple[bytes, str]:
+    """The file's bytes and its text (UTF-8, without a byte-order mark)."""
+    p = Path(name)
+    if not p.exists():
+        raise DataError(f"{name}: no such file")
+    if p.is_dir():
+        raise DataError(f"{name}: is a directory, not a JSONL file")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{name}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{name}: not valid UTF-8 (line {bad_line}, byte {exc.start})") from exc
+    return raw, text.removeprefix("\ufeff")
 
 
 def load_dataset(
@@ -305,22 +334,7 @@ def load_dataset(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     name = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{name}: no such file")
-    if p.is_dir():
-        raise DataError(f"{name}: is a directory, not a JSONL file")
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{name}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad_line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{name}: not valid UTF-8 (line {bad_line}, byte {exc.start})") from exc
-    text = text.removeprefix("\ufeff")
-
+    raw, text = _read(name)
     samples: list[Sample] = []
     skipped: list[str] = []
     seen: dict[str, int] = {}

@@ -70,6 +70,12 @@ def prediction_schema(labels: Sequence[str]) -> pa.Schema:
     )
 
 
+def _known(cls: type, d: Mapping) -> dict:
+    """The entries of ``d`` that are fields of ``cls`` (newer files may hold more)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 @dataclass(frozen=True)
 class PartitionMeta:
     """Who computed a partition and what it cost (stored in the partition file's metadata)."""
@@ -77,7 +83,7 @@ class PartitionMeta:
     model: str
     index: int
     seconds: dict[str, float]  # scoring wall time: "all" (fast engine) or per strategy (reference)
-    tokens: int  # tokens forwarded for this partition, all strategies
+    tokens_forwarded: int  # for this partition, all strategies
     prefix_tokens: int  # shared prompt prefix prefilled once for this partition (fast engine)
     forward_calls: int  # model calls after the prefix (fast engine)
     worker: dict  # host, pid, device, dtype (the Ray launcher adds actor, node, GPUs)
@@ -88,8 +94,9 @@ class PartitionMeta:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> PartitionMeta:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})  # type: ignore[arg-type]
+        if "tokens" in d and "tokens_forwarded" not in d:  # partitions written before the rename
+            d = {**d, "tokens_forwarded": d["tokens"]}
+        return cls(**_known(cls, d))
 
 
 @dataclass
@@ -286,11 +293,6 @@ def with_pred_labels(table: pa.Table, results: Iterable[StrategyResults]) -> pa.
     return table.set_column(i, "pred_labels", pa.array(cells, type=pa.list_(pa.string())))
 
 
-def _known(cls: type, d: Mapping) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-
 @dataclass
 class ModelSummary:
     """What one model's partitions cost and where they ran (``manifest.json`` ``timing``)."""
@@ -319,11 +321,14 @@ class ModelSummary:
             seconds={k: float(sum(m.seconds.get(k, 0.0) for m in metas)) for k in keys},
             prefix_tokens=max((m.prefix_tokens for m in metas), default=0),
             prefix_tokens_total=int(sum(m.prefix_tokens for m in metas)),
-            tokens_forwarded=int(sum(m.tokens for m in metas)),
+            tokens_forwarded=int(sum(m.tokens_forwarded for m in metas)),
             forward_calls=int(sum(m.forward_calls for m in metas)),
             partitions_by_worker={w: where.count(w) for w in dict.fromkeys(where)},
             nodes=sorted({_node(m) for m in metas}),
         )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ModelSummary:
@@ -371,7 +376,7 @@ class Manifest:
     finished: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "timing": {m: t.to_dict() for m, t in self.timing.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Manifest:

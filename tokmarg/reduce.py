@@ -12,6 +12,7 @@ import os
 import platform
 from collections.abc import Mapping, Sequence
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ from tokmarg.records import (
 )
 from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, slug, write_parquet, write_table
 from tokmarg.strategies import REGISTRY
-from tokmarg.strategies.uncertainty import fit_predictions
+from tokmarg.strategies.uncertainty import Calibration, fit_predictions
 from tokmarg.worker import Partition
 
 TRANSFER_GRID = np.linspace(0.0, 1.0, 101)
@@ -41,7 +42,7 @@ Results = Mapping[tuple[str, str], StrategyResults]
 
 
 def fit_uncertainty(
-    results: Results, truth: Sequence[Sequence[str]], calibration: str, seed: int
+    results: Results, truth: Sequence[Sequence[str]], calibration: Calibration, seed: int
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Fill ``pred_labels`` of the fitted kinds' results (in place); model -> strategy -> t_opti."""
     fitted: dict[str, dict[str, dict[str, float]]] = {}
@@ -138,15 +139,16 @@ def _reduce_model(
     table, metas = rd.read_partitions(mc.name, expected, list(cfg.strategies), labels)
     _same_precision(mc.name, metas, rd)
     results = strategy_results(table, [s.id for s in ds.samples], labels)
-    fitted = fit_uncertainty(results, [s.labels for s in ds.samples], cfg.calibration, cfg.seed).get(mc.name, {})
+    fitted = fit_uncertainty(results, [s.true_codes for s in ds.samples], cfg.calibration, cfg.seed).get(mc.name, {})
     write_table(with_pred_labels(table, results.values()), rd.path / "predictions" / f"{slug(mc.name)}.parquet")
     return results, fitted, metas
 
 
-def _metrics(cfg: Config, ds: Dataset, results: Results, timing: dict[str, ModelSummary]) -> pd.DataFrame:
+def _metrics(
+    cfg: Config, ds: Dataset, results: Results, y_true: np.ndarray, timing: dict[str, ModelSummary]
+) -> pd.DataFrame:
     """metrics.csv: one row per model x strategy (SPEC §3), with its cost."""
     codes = cfg.taxonomy.codes
-    y_true = label_matrix((s.labels for s in ds.samples), codes)
     params = {m.name: m.params for m in cfg.models}
     metrics = pd.DataFrame(
         [metrics_row(r, y_true, codes, params[m][s].threshold, ds.has_safe, cfg.seed) for (m, s), r in results.items()]
@@ -172,27 +174,21 @@ def reduce_run(
     started: str,
 ) -> tuple[pd.DataFrame, Manifest]:
     """Write predictions, labels, metrics, cross-model tables and, last, the manifest."""
-    out = rd.path
     results: dict[tuple[str, str], StrategyResults] = {}
     timing, thresholds = {}, {}
-    loads: dict[str, float] = {}  # the first of each model's workers that loaded (some never did: released)
-    for w in launch.get("workers", []):
-        if w.get("load_seconds") is not None:
-            loads.setdefault(w["model"], w["load_seconds"])
+    # the first of each model's workers that loaded (some never did: released before they were ready)
+    loads = {
+        w["model"]: w["load_seconds"] for w in reversed(launch.get("workers", [])) if w.get("load_seconds") is not None
+    }
     for mc in cfg.models:
         res, thresholds[mc.name], metas = _reduce_model(cfg, ds, rd, mc, parts)
         results.update(res)
         timing[mc.name] = ModelSummary.of(metas, loads.get(mc.name))
-    # the truth beside the predictions: a report needs no dataset file (runs may combine across machines)
-    labels = pd.DataFrame({"sample_id": [s.id for s in ds.samples], "labels": [list(s.labels) for s in ds.samples]})
-    write_parquet(labels, out / LABELS_FILE, {"codes": list(cfg.taxonomy.codes), "dataset_sha256": ds.sha256})
-    metrics = _metrics(cfg, ds, results, timing)
-    atomic_write(out / "metrics.csv", metrics.to_csv(index=False).encode())
-    y_true = label_matrix((s.labels for s in ds.samples), cfg.taxonomy.codes)
-    tables = cross_model_tables(metrics, {k: r.code_scores() for k, r in results.items()}, y_true)
-    for name, t in tables.items():
-        atomic_write(out / "tables" / f"{name}.csv", t.to_csv(index=False).encode())
+    metrics, tables = _write_tables(cfg, ds, rd.path, results, timing)
     job = record["job"]
+    tokens = dict.fromkeys(job["models"], 0)
+    for (m, _), r in results.items():
+        tokens[m] += int(r.tokens_forwarded.sum())
     manifest = Manifest(
         command=record.get("command", ""),
         models=job["models"],
@@ -218,13 +214,28 @@ def reduce_run(
         partitions={"per_model": len(parts), "done_before_this_session": done_before},
         launch=launch,
         timing=timing,
-        tokens_forwarded={m: sum(int(r.tokens_forwarded.sum()) for (k, _), r in results.items() if k == m)
-                          for m in job["models"]},
+        tokens_forwarded=tokens,
         tables=sorted(f"tables/{n}.csv" for n in tables),
         versions=versions(),
         machine={"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
         started=record.get("created", started),
         finished=now(),
-    )  # fmt: skip
-    atomic_write(out / "manifest.json", (json.dumps(manifest.to_dict(), indent=2, default=str) + "\n").encode())
+    )
+    atomic_write(rd.path / "manifest.json", (json.dumps(manifest.to_dict(), indent=2, default=str) + "\n").encode())
     return metrics, manifest
+
+
+def _write_tables(
+    cfg: Config, ds: Dataset, out: Path, results: Results, timing: dict[str, ModelSummary]
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """labels.parquet, metrics.csv and tables/*.csv; returns the metrics and the tables."""
+    # the truth beside the predictions: a report needs no dataset file (runs may combine across machines)
+    labels = pd.DataFrame({"sample_id": [s.id for s in ds.samples], "labels": [list(s.true_codes) for s in ds.samples]})
+    write_parquet(labels, out / LABELS_FILE, {"codes": list(cfg.taxonomy.codes), "dataset_sha256": ds.sha256})
+    y_true = label_matrix((s.true_codes for s in ds.samples), cfg.taxonomy.codes)
+    metrics = _metrics(cfg, ds, results, y_true, timing)
+    atomic_write(out / "metrics.csv", metrics.to_csv(index=False).encode())
+    tables = cross_model_tables(metrics, {k: r.code_scores() for k, r in results.items()}, y_true)
+    for name, t in tables.items():
+        atomic_write(out / "tables" / f"{name}.csv", t.to_csv(index=False).encode())
+    return metrics, tables

@@ -12,16 +12,16 @@ engine's batch sizes, progress) from the command line.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from tokmarg.engine import DEFAULT_LOOKAHEAD
+from tokmarg.engine import DEFAULT_LOOKAHEAD, Engine
 from tokmarg.errors import TokmargError
+from tokmarg.strategies.base import Semantics
 
-Engine = Literal["fast", "reference"]
-Semantics = Literal["exact", "paper"]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 DEFAULT_PARTITION_SIZE = 32
 
@@ -76,6 +76,9 @@ class LaunchSettings:
         if not self.ray and (self.address or self.replicas != 1 or self.gpus_per_actor):
             raise SettingsError("--no-ray scores in this process: drop --address, --replicas and --gpus-per-actor")
 
+
+ENGINE_FIELDS = tuple(f.name for f in fields(EngineOptions))
+LAUNCH_FIELDS = tuple(f.name for f in fields(LaunchSettings) if f.name != "ray")
 
 # the fields of EvalSettings that decide a run's results: run.json keeps them, --resume reuses them
 RESULT_FIELDS = (
@@ -149,7 +152,42 @@ class EvalSettings:
         return replace(self, engine=replace(self.engine, engine=record["engine"]), **kw)
 
 
-def given_result_options(values: dict[str, object]) -> list[str]:
-    """The results-deciding options among ``values`` (name -> value, None when not given)."""
-    names = {f.name for f in fields(EvalSettings)} | {"engine"}
-    return ["--" + k.replace("_", "-") for k in RESULT_FIELDS if k in names and values.get(k) is not None]
+def split_names(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``--models A B``, ``--models A,B`` and ``--models A --models B`` alike."""
+    out = tuple(v for item in values or [] for v in item.replace(",", " ").split() if v)
+    return out or None
+
+
+def from_options(options: Mapping[str, Any], extra: Sequence[str] = (), command: str = "") -> EvalSettings:
+    """The settings of a command line: ``options`` maps the command's parameter names to the
+    values given (None: not given, so the default), ``extra`` are the words after ``--models``.
+    With ``resume`` (a run directory), the run's own record gives the results-deciding fields
+    and giving any of them again is an error.
+    """
+    from tokmarg.inputs import dataset_file, params_file
+
+    o = {k: v for k, v in options.items() if v is not None}
+    resume = o.pop("resume", None)
+    if resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k in (*RESULT_FIELDS, "out") if k in o]
+        if given or extra:
+            drop = ", ".join(given) or " ".join(extra)
+            raise SettingsError(f"--resume takes the run's inputs from {Path(resume) / 'run.json'}; drop {drop}")
+    elif extra and not o.get("models"):
+        raise SettingsError(f"unexpected argument(s): {' '.join(extra)}")
+    (params, p_from), (dataset, d_from) = params_file(o.pop("params", None)), dataset_file(o.pop("dataset", None))
+    engine = EngineOptions(**{k: o.pop(k) for k in ENGINE_FIELDS if k in o})
+    launch = LaunchSettings(ray=not o.pop("no_ray", False), **{k: o.pop(k) for k in LAUNCH_FIELDS if k in o})
+    models = split_names([*o.pop("models", []), *extra])
+    settings = EvalSettings(
+        params=params.resolve(),
+        dataset=dataset.resolve(),
+        inputs_from={"params": p_from, "dataset": d_from},
+        models=models,
+        strategies=split_names(o.pop("strategies", None)),
+        engine=engine,
+        launch=launch,
+        command=command,
+        **o,
+    )
+    return settings if resume is None else settings.resumed_from(Path(resume))

@@ -22,6 +22,7 @@ from tokmarg.models import LoadedModel, load_model, model_view
 from tokmarg.prompts import PromptFormat, load_format, prompt_ids, render
 from tokmarg.records import PartitionMeta, PartitionResult
 from tokmarg.strategies import Query
+from tokmarg.strategies.base import Semantics
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class WorkerSpec:
     fmt: PromptFormat
     labels: tuple[str, ...]  # "unsafe" + the dataset taxonomy's codes
     strategies: tuple[str, ...]
-    semantics: str
+    semantics: Semantics
     engine: EngineOptions = field(default_factory=EngineOptions)
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -51,15 +52,21 @@ class Partition:
     index: int
     start: int
     samples: tuple[Sample, ...]
-    gate: bool  # the whole dataset has safe rows: forced-prefix strategies decide safe/unsafe first
+    has_safe: bool  # the whole dataset has safe rows: forced-prefix strategies decide safe/unsafe first
 
 
 def build_queries(
-    lm: LoadedModel, mc: ModelConfig, fmt: PromptFormat, labels: tuple[str, ...], samples: Sequence[Sample], gate: bool
+    lm: LoadedModel,
+    mc: ModelConfig,
+    fmt: PromptFormat,
+    labels: tuple[str, ...],
+    samples: Sequence[Sample],
+    has_safe: bool,
 ) -> list[Query]:
     """Each sample's prompt as this model sees it (its prompt format, chat template and taxonomy)."""
+    tok = lm.tokenizer
     return [
-        Query(s.id, prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, mc.taxonomy, mc.answer_prefix)), labels, gate)
+        Query(s.id, prompt_ids(tok, render(tok, fmt, s, mc.taxonomy, mc.answer_prefix)), labels, has_safe)
         for s in samples
     ]
 
@@ -112,7 +119,7 @@ class Worker:
 
     def run_partition(self, part: Partition) -> PartitionResult:
         spec, mc = self.spec, self.spec.model
-        queries = build_queries(self.lm, mc, spec.fmt, spec.labels, part.samples, part.gate)
+        queries = build_queries(self.lm, mc, spec.fmt, spec.labels, part.samples, part.has_safe)
         outs, stats = score(
             self.lm,
             self.info,
@@ -129,7 +136,7 @@ class Worker:
             model=mc.name,
             index=part.index,
             seconds=dict(stats.seconds),
-            tokens=sum(per_sample),
+            tokens_forwarded=sum(per_sample),
             prefix_tokens=stats.prefix_tokens,
             forward_calls=stats.forward_calls,
             worker=self.describe(),
@@ -137,7 +144,7 @@ class Worker:
         return PartitionResult(
             meta,
             tuple(s.id for s in part.samples),
-            tuple(tuple(s.labels) for s in part.samples),
+            tuple(s.true_codes for s in part.samples),
             {s: outs[s] for s in spec.strategies},
             per_sample,
         )

@@ -12,6 +12,7 @@ from tokmarg.engine.tree import TreeBackend, common_prefix_len, sliding_window
 from tokmarg.models import LoadedModel
 from tokmarg.settings import EngineOptions
 from tokmarg.strategies import REGISTRY, Context, ModelTokens, Query, SampleOutput, StrategyParams, TokenInfo
+from tokmarg.strategies.base import Semantics
 from tokmarg.strategies.reference import CountingLM
 
 
@@ -67,7 +68,7 @@ def score(
     queries: Sequence[Query],
     strategies: Sequence[str],
     params: dict[str, StrategyParams],
-    semantics: str,
+    semantics: Semantics,
     opts: EngineOptions,
     on_done: Callable[[str, int], None] | None = None,
     max_prefix: int | None = None,
@@ -78,21 +79,15 @@ def score(
     text), so a sample's token count does not depend on which other samples share its call.
     """
     check_engine(lm, opts)
-    outs: dict[str, list[SampleOutput]] = {s: [] for s in strategies}
-    stats = ScoreStats(dict.fromkeys(strategies, 0.0) if opts.engine == "reference" else {"all": 0.0})
+
+    def context(forward: CountingLM | None, q: Query, s: str) -> Context:
+        return Context(forward, info, tokens, q, params[s], semantics)
+
     if opts.engine == "reference":
-        for q in queries:
-            for s in strategies:
-                lmc = CountingLM(lm.forward)  # each strategy on its own, as the paper's code runs them
-                t0 = time.perf_counter()
-                out = REGISTRY[s].run(Context(lmc, info, tokens, q, params[s], semantics))
-                stats.seconds[s] += time.perf_counter() - t0
-                out.tokens_forwarded = lmc.tokens
-                outs[s].append(out)
-                if on_done:
-                    on_done(s, 1)
-        return outs, stats
+        return _score_reference(lm, context, queries, strategies, on_done)
     check_window(lm, tokens, queries, {s: params[s] for s in strategies})
+    outs: dict[str, list[SampleOutput]] = {s: [] for s in strategies}
+    stats = ScoreStats({"all": 0.0})
     batch, max_fwd = opts.resolved(lm.device.type == "cuda")
     t0 = time.perf_counter()
     prompts = [q.prompt_ids for q in queries]
@@ -104,9 +99,7 @@ def score(
     stats.prefix_tokens = p
     for start in range(0, len(queries), batch):
         chunk = queries[start : start + batch]
-        rows = run_batch(
-            backend, [[(s, Context(None, info, tokens, q, params[s], semantics)) for s in strategies] for q in chunk]
-        )
+        rows = run_batch(backend, [[(s, context(None, q, s)) for s in strategies] for q in chunk])
         for row in rows:
             for s, out in zip(strategies, row):
                 outs[s].append(out)
@@ -114,10 +107,31 @@ def score(
             for s in strategies:
                 on_done(s, len(chunk))
     stats.seconds["all"] = time.perf_counter() - t0
-    stats.forward_calls = backend.calls
-    stats.model_seconds = backend.model_seconds
-    stats.reduce_seconds = backend.reduce_seconds
-    stats.bytes_to_host = backend.bytes_to_host
+    stats.forward_calls, stats.model_seconds = backend.calls, backend.model_seconds
+    stats.reduce_seconds, stats.bytes_to_host = backend.reduce_seconds, backend.bytes_to_host
     stats.nodes = backend.rows_reduced
     stats.guessed, stats.guesses_taken = backend.guessed, backend.guesses_taken
+    return outs, stats
+
+
+def _score_reference(
+    lm: LoadedModel,
+    context: Callable[[CountingLM, Query, str], Context],
+    queries: Sequence[Query],
+    strategies: Sequence[str],
+    on_done: Callable[[str, int], None] | None,
+) -> tuple[dict[str, list[SampleOutput]], ScoreStats]:
+    """Each strategy on its own, as the paper's code runs them: full forwards, timed apart."""
+    outs: dict[str, list[SampleOutput]] = {s: [] for s in strategies}
+    stats = ScoreStats(dict.fromkeys(strategies, 0.0))
+    for q in queries:
+        for s in strategies:
+            lmc = CountingLM(lm.forward)
+            t0 = time.perf_counter()
+            out = REGISTRY[s].run(context(lmc, q, s))
+            stats.seconds[s] += time.perf_counter() - t0
+            out.tokens_forwarded = lmc.tokens
+            outs[s].append(out)
+            if on_done:
+                on_done(s, 1)
     return outs, stats

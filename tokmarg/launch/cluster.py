@@ -81,7 +81,7 @@ class RayWorker:
         t0 = time.perf_counter()
         res = self._worker.run_partition(part)
         self._samples.inc(len(part.samples))
-        self._tokens.inc(res.meta.tokens)
+        self._tokens.inc(res.meta.tokens_forwarded)
         self._latency.observe(time.perf_counter() - t0)
         self._done += 1
         self._samples_done += len(part.samples)

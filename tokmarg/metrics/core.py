@@ -178,21 +178,9 @@ def compute_metrics(
         Undefined values are NaN (ROC AUC when y_true is one class, PR AUC without positives, every
         score-based metric when ``y_score`` is None).
     """
-    yt = np.asarray(y_true, dtype=bool)
-    yp = np.asarray(y_pred, dtype=bool)
-    k = len(codes)
-    if yt.ndim != 2 or yt.shape[1] != k:
-        raise ValueError(f"y_true must have shape (n, {k}), got {yt.shape}")
-    if yp.shape != yt.shape:
-        raise ValueError(f"y_pred shape {yp.shape} != y_true shape {yt.shape}")
-    ys: np.ndarray | None = None
-    if y_score is not None:
-        ys = np.asarray(y_score, dtype=float)
-        if ys.shape != yt.shape:
-            raise ValueError(f"y_score shape {ys.shape} != y_true shape {yt.shape}")
-    n = yt.shape[0]
+    yt, yp, ys = _checked(y_true, y_pred, y_score, len(codes))
+    n, k = yt.shape
     nan = float("nan")
-
     tp_c = (yt & yp).sum(axis=0)
     fp_c = (~yt & yp).sum(axis=0)
     fn_c = (yt & ~yp).sum(axis=0)
@@ -203,27 +191,46 @@ def compute_metrics(
         "f1_macro": float(np.mean(per_f1)) if k else nan,
         "hamming_loss": float(np.mean(yt != yp)) if yt.size else nan,
     }
-    if ys is not None:
-        out["roc_auc_micro"] = _safe_auc(yt.ravel(), ys.ravel())
-        out["pr_auc_micro"] = _safe_ap(yt.ravel(), ys.ravel())
-        out["ece"] = expected_calibration_error(yt, ys)
-        out["brier"] = brier_score(yt, ys)
-    else:
-        out.update(roc_auc_micro=nan, pr_auc_micro=nan, ece=nan, brier=nan)
+    out.update(_score_metrics(yt, ys))
     for j, code in enumerate(codes):
         out[f"f1/{code}"] = per_f1[j]
         out[f"roc_auc/{code}"] = _safe_auc(yt[:, j], ys[:, j]) if ys is not None else nan
-
     if unsafe_true is not None:
         if np.asarray(unsafe_true).ravel().shape != (n,):
             raise ValueError(f"unsafe_true must have shape ({n},)")
         out.update(_binary_view(unsafe_true, unsafe_score, unsafe_pred))
-
     cis = bootstrap_headline(yt, yp, ys, n_boot=n_boot, seed=seed)
     for m, _ in HEADLINE:
-        lo, hi = cis[m]
-        if np.isnan(out[m]):
-            lo, hi = nan, nan
-        out[f"{m}_lo"] = lo
-        out[f"{m}_hi"] = hi
+        lo, hi = (nan, nan) if np.isnan(out[m]) else cis[m]
+        out[f"{m}_lo"], out[f"{m}_hi"] = lo, hi
     return out
+
+
+def _checked(
+    y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarray | None, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The arrays as bool, bool, float, their shapes checked against (n, k)."""
+    yt = np.asarray(y_true, dtype=bool)
+    yp = np.asarray(y_pred, dtype=bool)
+    if yt.ndim != 2 or yt.shape[1] != k:
+        raise ValueError(f"y_true must have shape (n, {k}), got {yt.shape}")
+    if yp.shape != yt.shape:
+        raise ValueError(f"y_pred shape {yp.shape} != y_true shape {yt.shape}")
+    if y_score is None:
+        return yt, yp, None
+    ys = np.asarray(y_score, dtype=float)
+    if ys.shape != yt.shape:
+        raise ValueError(f"y_score shape {ys.shape} != y_true shape {yt.shape}")
+    return yt, yp, ys
+
+
+def _score_metrics(yt: np.ndarray, ys: np.ndarray | None) -> dict[str, float]:
+    """Micro ROC and PR AUC, ECE and Brier of the scores (NaN without scores)."""
+    if ys is None:
+        return dict.fromkeys(("roc_auc_micro", "pr_auc_micro", "ece", "brier"), float("nan"))
+    return {
+        "roc_auc_micro": _safe_auc(yt.ravel(), ys.ravel()),
+        "pr_auc_micro": _safe_ap(yt.ravel(), ys.ravel()),
+        "ece": expected_calibration_error(yt, ys),
+        "brier": brier_score(yt, ys),
+    }

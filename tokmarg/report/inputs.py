@@ -38,7 +38,7 @@ class Run:
     metrics: pd.DataFrame  # metrics.csv
     scores: dict[tuple[str, str], np.ndarray | None]  # (model, strategy) -> code scores in sample order
     sample_ids: tuple[str, ...]
-    labels: tuple[tuple[str, ...], ...]
+    true_codes: tuple[tuple[str, ...], ...]  # each sample's, from labels.parquet
     codes: tuple[str, ...]
 
 
@@ -144,7 +144,7 @@ def load_run(path: Path) -> Run:
         metrics=metrics,
         scores={k: r.code_scores() for k, r in results.items()},
         sample_ids=tuple(ids),
-        labels=tuple(tuple(v) for v in labels["labels"]),
+        true_codes=tuple(tuple(v) for v in labels["labels"]),
         codes=codes,
     )
 
@@ -172,7 +172,7 @@ def combine(runs: list[Run]) -> ReportInputs:
                 f"{run.path} and {first.path} used different datasets (sha256 {b[:12]}… vs {a[:12]}…); "
                 "a report combines runs of one dataset"
             )
-        if run.sample_ids != first.sample_ids or run.labels != first.labels:
+        if run.sample_ids != first.sample_ids or run.true_codes != first.true_codes:
             raise ReportError(
                 f"{run.path} and {first.path} scored different samples of the same dataset "
                 f"({len(run.sample_ids)} vs {len(first.sample_ids)}; another --limit or --skip-invalid?)"
@@ -184,7 +184,7 @@ def combine(runs: list[Run]) -> ReportInputs:
                 raise ReportError(f"model {model!r} is in both {owner[model]} and {run.path}; give each model once")
             owner[model] = run.path
     metrics = pd.concat([r.metrics.assign(run=str(r.path)) for r in runs], ignore_index=True)
-    y_true = label_matrix(first.labels, first.codes)
+    y_true = label_matrix(first.true_codes, first.codes)
     score_by = {k: v for r in runs for k, v in r.scores.items()}
     stored = _stored_tables(first) if len(runs) == 1 else None  # several runs: tables over all their models
     return ReportInputs(tuple(runs), first.codes, first.sample_ids, y_true, metrics, score_by, stored)

@@ -41,7 +41,7 @@ def _fmt(v: float) -> str:
 
 def inputs_summary(settings: EvalSettings, cfg: Config, ds: Dataset) -> str:
     """What ``tokmarg validate`` prints: both files checked, and what they hold."""
-    safe = sum(1 for s in ds.samples if not s.labels)
+    safe = sum(1 for s in ds.samples if not s.true_codes)
     where = settings.inputs_from
     return (
         f"{settings.params}: ok ({len(cfg.strategies)} strategies, semantics {cfg.semantics}, "

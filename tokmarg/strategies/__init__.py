@@ -122,11 +122,11 @@ def _forced(ctx: Context, u_fn: Callable[[np.ndarray], float]) -> Out:
     codes = q.codes
     if ctx.semantics == "paper":
         ev = np.array((yield from prog.forced_evidence_paper(ctx.tokens, codes)))
-        gate = (yield from prog.verdict_paper(ctx.tokens)) if q.gate else None
+        gate = (yield from prog.verdict_paper(ctx.tokens)) if q.decide_safe else None
         scores = None  # the reference stores no scores for these baselines
     else:
         ev = np.array((yield from prog.forced_evidence_exact(ctx.tokens, codes)))
-        gate = (yield from prog.verdict_exact(ctx.tokens)) if q.gate else None
+        gate = (yield from prog.verdict_exact(ctx.tokens)) if q.decide_safe else None
         probs = code_softmax(ev)
         scores = {c: float(p) for c, p in zip(codes, probs)}
         if gate is not None:  # P(code) = P(unsafe) x P(code | unsafe)

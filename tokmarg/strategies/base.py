@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ from tokmarg.matching import DecodeMatcher, TokenMatcher
 
 Matcher = DecodeMatcher | TokenMatcher
 
-SEMANTICS = ("exact", "paper")
+Semantics = Literal["exact", "paper"]
+SEMANTICS: tuple[str, ...] = get_args(Semantics)
 
 
 class TokenLM(Protocol):
@@ -113,7 +114,7 @@ class Query:
     sample_id: str
     prompt_ids: tuple[int, ...]  # generation prompt, as the chat template wrote it
     labels: tuple[str, ...]  # "unsafe" + taxonomy codes
-    gate: bool  # dataset has safe rows: forced-prefix strategies decide safe/unsafe first
+    decide_safe: bool  # the dataset has safe rows: forced-prefix strategies decide safe/unsafe first
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -215,7 +216,7 @@ class Context:
     tokens: ModelTokens
     query: Query
     params: StrategyParams
-    semantics: str
+    semantics: Semantics
     matcher: Matcher | None = None  # None: the token-id tables of ``info`` (the fast engines)
 
     def label_matcher(self) -> Matcher:

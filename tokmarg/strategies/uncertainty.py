@@ -8,13 +8,15 @@ threshold fitted on the other half, so no sample's labels choose its own predict
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
 from tokmarg.metrics import choose_k, t_opti
 from tokmarg.strategies.base import SampleOutput
 
-CALIBRATIONS = ("transductive", "split")
+Calibration = Literal["transductive", "split"]
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 
 
 def fit_predictions(
@@ -22,7 +24,7 @@ def fit_predictions(
     ranked: Sequence[Sequence[str]],
     eligible: np.ndarray,
     true_labels: Sequence[Sequence[str]],
-    calibration: str,
+    calibration: Calibration,
     seed: int = 0,
 ) -> tuple[list[tuple[str, ...]], dict[str, float]]:
     """Each sample's predicted codes (its top-1 or top-2 of ``ranked``) and the fitted thresholds.
@@ -58,7 +60,7 @@ def fit_predictions(
 
 
 def finalize(
-    outputs: Sequence[SampleOutput], true_labels: Sequence[Sequence[str]], calibration: str, seed: int = 0
+    outputs: Sequence[SampleOutput], true_labels: Sequence[Sequence[str]], calibration: Calibration, seed: int = 0
 ) -> dict[str, float]:
     """:func:`fit_predictions` on engine outputs: fill their ``pred_labels`` in place; return the thresholds."""
     u = np.array([o.uncertainty for o in outputs], dtype=np.float64)
