@@ -22,6 +22,7 @@ from tokmarg.engine.score import ScoreStats, score
 from tokmarg.engine.tree import prepare
 from tokmarg.models import load_model, model_view
 from tokmarg.prompts import load_format
+from tokmarg.records import Manifest
 from tokmarg.settings import EngineOptions, EvalSettings
 from tokmarg.strategies import REGISTRY, SampleOutput
 from tokmarg.strategies.uncertainty import finalize
@@ -184,7 +185,6 @@ def run_actor_bench(
     is samples / the wall time of scoring (first partition sent to last one written); start-up
     (Ray, actor processes, model load) is reported apart.
     """
-    import os
     import tempfile
     from dataclasses import replace
     from pathlib import Path
@@ -211,23 +211,28 @@ def run_actor_bench(
             t0 = time.perf_counter()
             _, manifest = run_eval(cfg, ds, settings, launcher, log=lambda _m: None)
             total = time.perf_counter() - t0
-        launch, timing = manifest.launch, manifest.timing[cfg.models[0].name]
-        load = (timing.load_seconds or 0.0) if n == 0 else 0.0  # the local launcher loads inside run()
-        wall = launch["run_seconds"] - load
-        rows.append(
-            {
-                "actors": n,
-                "cpus_per_actor": launch.get("cpus_per_actor", os.cpu_count()),
-                "samples_per_s": len(ds.samples) / wall,
-                "scoring_seconds": wall,
-                "start_seconds": launch["start_seconds"] + load,
-                "end_to_end_seconds": total,
-                "tokens_per_sample": timing.tokens_forwarded / len(ds.samples),
-                "forward_calls": timing.forward_calls,
-                "partitions_by_worker": timing.partitions_by_worker,
-            }
-        )
+        rows.append(_throughput_row(n, manifest, len(ds.samples), total))
     return {"model": cfg.models[0].name, "n_samples": len(ds.samples), "partition_size": partition_size, "rows": rows}
+
+
+def _throughput_row(actors: int, manifest: Manifest, n: int, total: float) -> dict:
+    """One row of ``tokmarg bench --actors``: the scoring rate, start-up apart."""
+    import os
+
+    launch, timing = manifest.launch, manifest.timing[manifest.models[0]]
+    load = (timing.load_seconds or 0.0) if actors == 0 else 0.0  # the local launcher loads inside run()
+    wall = launch["run_seconds"] - load
+    return {
+        "actors": actors,
+        "cpus_per_actor": launch.get("cpus_per_actor", os.cpu_count()),
+        "samples_per_s": n / wall,
+        "scoring_seconds": wall,
+        "start_seconds": launch["start_seconds"] + load,
+        "end_to_end_seconds": total,
+        "tokens_per_sample": timing.tokens_forwarded / n,
+        "forward_calls": timing.forward_calls,
+        "partitions_by_worker": timing.partitions_by_worker,
+    }
 
 
 def bench(settings: EvalSettings, *, fast_only: bool = False, actors: Sequence[int] | None = None) -> dict:

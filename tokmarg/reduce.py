@@ -185,6 +185,25 @@ def reduce_run(
         results.update(res)
         timing[mc.name] = ModelSummary.of(metas, loads.get(mc.name))
     metrics, tables = _write_tables(cfg, ds, rd.path, results, timing)
+    manifest = _manifest(cfg, ds, record, parts, launch, done_before, started, results, timing, thresholds, tables)
+    atomic_write(rd.path / "manifest.json", (json.dumps(manifest.to_dict(), indent=2, default=str) + "\n").encode())
+    return metrics, manifest
+
+
+def _manifest(
+    cfg: Config,
+    ds: Dataset,
+    record: dict,
+    parts: list[Partition],
+    launch: dict,
+    done_before: int,
+    started: str,
+    results: Results,
+    timing: dict[str, ModelSummary],
+    thresholds: dict,
+    tables: dict[str, pd.DataFrame],
+) -> Manifest:
+    """What the run was, how it ran and what it cost."""
     job = record["job"]
     tokens = dict.fromkeys(job["models"], 0)
     for (m, _), r in results.items():
@@ -221,8 +240,7 @@ def reduce_run(
         started=record.get("created", started),
         finished=now(),
     )
-    atomic_write(rd.path / "manifest.json", (json.dumps(manifest.to_dict(), indent=2, default=str) + "\n").encode())
-    return metrics, manifest
+    return manifest
 
 
 def _write_tables(

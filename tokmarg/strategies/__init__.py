@@ -38,8 +38,6 @@ from tokmarg.strategies.base import (
     StrategyParams,
     TokenInfo,
     TokenLM,
-    UnknownStrategy,
-    get_strategy,
     register,
 )
 from tokmarg.strategies.programs import Request
@@ -60,8 +58,6 @@ __all__ = [
     "StrategyParams",
     "TokenInfo",
     "TokenLM",
-    "UnknownStrategy",
-    "get_strategy",
     "register",
 ]
 

@@ -14,7 +14,6 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 import torch
 
-from tokmarg.errors import TokmargError
 from tokmarg.matching import DecodeMatcher, TokenMatcher
 
 Matcher = DecodeMatcher | TokenMatcher
@@ -235,14 +234,3 @@ def register(name: str, kind: Kind) -> Callable[[ProgramFn], ProgramFn]:
         return fn
 
     return deco
-
-
-class UnknownStrategy(TokmargError, KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def get_strategy(name: str) -> Strategy:
-    if name not in REGISTRY:
-        raise UnknownStrategy(f"unknown strategy {name!r}; known: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
