@@ -11,12 +11,13 @@ JSON text, so pandas, polars and DuckDB read the files as they are.
 :func:`strategy_results` turns predictions into :class:`StrategyResults`, one per model x
 strategy: the arrays the uncertainty step, the metrics and the report work on, built once.
 Files of runs written before the typed columns (JSON-text cells) are read through
-:func:`upgrade_legacy`.
+:func:`conform`.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -40,14 +41,10 @@ class RecordError(TokmargError, ValueError):
     """A predictions table cannot be read as one; one line naming what is wrong."""
 
 
-def label_struct(labels: Sequence[str]) -> pa.StructType:
-    return pa.struct([pa.field(label, pa.float64()) for label in labels])
-
-
 def prediction_schema(labels: Sequence[str]) -> pa.Schema:
     """The columns of ``partitions/*/part-*.parquet`` and ``predictions/*.parquet``; ``labels``:
     ``unsafe`` + the taxonomy codes of the run."""
-    scores = label_struct(labels)
+    scores = pa.struct([pa.field(label, pa.float64()) for label in labels])
     strings = pa.list_(pa.string())
     return pa.schema(
         [
@@ -323,7 +320,7 @@ class ModelSummary:
             prefix_tokens_total=int(sum(m.prefix_tokens for m in metas)),
             tokens_forwarded=int(sum(m.tokens_forwarded for m in metas)),
             forward_calls=int(sum(m.forward_calls for m in metas)),
-            partitions_by_worker={w: where.count(w) for w in dict.fromkeys(where)},
+            partitions_by_worker=dict(Counter(where)),
             nodes=sorted({_node(m) for m in metas}),
         )
 

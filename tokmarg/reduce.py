@@ -56,9 +56,14 @@ def fit_uncertainty(
 
 
 def metrics_row(
-    r: StrategyResults, y_true: np.ndarray, codes: Sequence[str], threshold: float, has_safe: bool, seed: int,
+    r: StrategyResults,
+    y_true: np.ndarray,
+    codes: Sequence[str],
+    threshold: float,
+    has_safe: bool,
+    seed: int,
     n_boot: int = 1000,
-) -> dict:  # fmt: skip
+) -> dict:
     """SPEC §3 metrics of one model x strategy."""
     kind = REGISTRY[r.strategy].kind
     y_score = r.code_scores()

@@ -134,9 +134,9 @@ class EvalSettings:
                 raise TypeError("args")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SettingsError(f"{f}: cannot resume: not a tokmarg run ({e.__class__.__name__})") from None
-        return replace(self.resume(record, f), out=run_dir)
+        return replace(self._with_record(record, f), out=run_dir)
 
-    def resume(self, record: dict, where: Path) -> EvalSettings:
+    def _with_record(self, record: dict, where: Path) -> EvalSettings:
         """These settings with the results-deciding fields of a run's ``record`` (``run.json``
         ``args``); ``where`` names the file in errors."""
         missing = [k for k in RESULT_FIELDS if k not in record]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tokmarg.config import Config, ModelConfig
 from tokmarg.data import Sample, Turn
-from tokmarg.engine.score import EngineOptions, check_engine, score
+from tokmarg.engine.score import EngineOptions, score
 from tokmarg.engine.tree import common_prefix_len
 from tokmarg.models import LoadedModel, load_model, model_view
 from tokmarg.prompts import PromptFormat, load_format, prompt_ids, render
@@ -90,7 +90,6 @@ class Worker:
             allow_pickle=spec.allow_pickle,
             device_map="auto" if spec.spread else None,
         )
-        check_engine(self.lm, spec.engine)  # an unknown engine fails at load
         self.info, self.tokens = model_view(self.lm, spec.labels[1:])
         self.template_prefix = self._template_prefix()
         self.load_seconds = time.perf_counter() - t0

@@ -6,12 +6,11 @@ rest of the prompt; every distinct continuation node forwarded once, the nodes o
 samples and strategies together, with tree attention over one packed KV cache.
 """
 
-from typing import Literal, get_args
+from typing import Literal
 
 from tokmarg.errors import TokmargError
 
 Engine = Literal["fast", "reference"]
-ENGINES: tuple[str, ...] = get_args(Engine)
 DEFAULT_LOOKAHEAD = 16  # greedy tokens the fast engine guesses ahead at most (see engine.lookahead)
 
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tokmarg.engine import ENGINES, EngineError
+from tokmarg.engine import EngineError
 from tokmarg.engine.scheduler import run_batch
 from tokmarg.engine.tree import TreeBackend, common_prefix_len, sliding_window
 from tokmarg.models import LoadedModel
@@ -27,12 +27,6 @@ class ScoreStats:
     nodes: int = 0  # node summaries computed (fast)
     guessed: int = 0  # greedy tokens forwarded ahead of their step (fast, see engine.lookahead)
     guesses_taken: int = 0  # of them, asked for later
-
-
-def check_engine(lm: LoadedModel, opts: EngineOptions) -> None:
-    """Refuse what an engine cannot run, before any work."""
-    if opts.engine not in ENGINES:
-        raise EngineError(f"--engine {opts.engine!r} is not available; available: {', '.join(ENGINES)}")
 
 
 def check_window(
@@ -78,7 +72,6 @@ def score(
     ``max_prefix`` caps the shared prefix prefilled once (e.g. at the prompt template's static
     text), so a sample's token count does not depend on which other samples share its call.
     """
-    check_engine(lm, opts)
 
     def context(forward: CountingLM | None, q: Query, s: str) -> Context:
         return Context(forward, info, tokens, q, params[s], semantics)
