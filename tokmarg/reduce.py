@@ -13,6 +13,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,9 @@ from tokmarg.records import (
 from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, slug, write_parquet, write_table
 from tokmarg.strategies import REGISTRY
 from tokmarg.strategies.uncertainty import Calibration, fit_predictions
-from tokmarg.worker import Partition
+
+if TYPE_CHECKING:  # the worker imports the engine and transformers; the report needs neither
+    from tokmarg.worker import Partition
 
 TRANSFER_GRID = np.linspace(0.0, 1.0, 101)
 TRANSDUCTIVE_NOTE = "t_opti of the uncertainty strategies is fitted on the evaluated set's own labels (as the paper)"
