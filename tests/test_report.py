@@ -413,3 +413,12 @@ def test_report_reads_a_run_written_before_the_typed_columns(setup: dict, tmp_pa
     for name in ("headline", "threshold_transfer", "reliability", "f1_threshold_curves"):
         a = pd.read_csv(setup["run"] / "report" / "csv" / f"{name}.csv")
         pd.testing.assert_frame_equal(pd.read_csv(old / "report" / "csv" / f"{name}.csv"), a)
+
+
+def test_the_report_loads_no_model_code() -> None:
+    """`tokmarg report` reads run files only: importing it must not pull in transformers (seconds)."""
+    import sys
+
+    code = "import sys, tokmarg.report.build, tokmarg.report.text; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
