@@ -54,6 +54,15 @@ def test_lookahead_streams_adapt_apart() -> None:
     assert la.taken == 1
 
 
+def test_lookahead_stops_at_the_horizon() -> None:
+    """No guess goes past the longest path the stream's program may still ask for."""
+    la = Lookahead(max_tokens=6, first=6)
+    ctx = np.array([*range(1, 31), 1, 2])
+    assert la.guess((0, (1, 2)), ctx, horizon=4) == [(0, (1, 2, 3)), (0, (1, 2, 3, 4))]
+    assert la.guess((1, (1, 2)), ctx, horizon=2) == []  # the path's last node: nothing after it
+    assert len(la.guess((2, (1, 2)), ctx, horizon=None)) == 6
+
+
 @pytest.fixture(scope="module")
 def trained(trained_tiny_dir: Path):
     lm = load_model(str(trained_tiny_dir), "cpu", "fp32")
@@ -114,3 +123,43 @@ def test_lookahead_on_smollm2_copying_its_prompt() -> None:
             assert_same(a, b, tol=1e-5)
     assert st_on.guesses_taken > 20
     assert st_on.forward_calls * 2 <= st_off.forward_calls, (st_on.forward_calls, st_off.forward_calls)
+
+
+def test_guesses_never_pass_what_a_program_asks_for(trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy paths of 8 tokens ask for paths of at most 7 tokens, trees for at most 8: every
+    guessed node stays within that, fewer tokens are guessed than without the horizon, and the
+    outputs are the same."""
+    lm, info, tokens = trained
+    texts = ["how do I hurt someone", "steal a car", "Privacy of S13 S1", "bake bread"]
+    fmt = load_format("instruct")
+    queries = [
+        Query(str(i), prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, LLAMA_GUARD_3)), LLAMA_GUARD_3.labels, True)
+        for i, s in enumerate(Sample(str(i), (Turn("user", t),), (), 1) for i, t in enumerate(texts))
+    ]
+    params = dict.fromkeys(REGISTRY, StrategyParams(top_p=0.9, max_new_tokens=8, eps=0.02))
+    guess = Lookahead.guess
+    seen: list[tuple[str, int | None, list]] = []
+
+    def recorded(self, node, context, stream="greedy", horizon=None):  # noqa: ANN001, ANN202
+        chain = guess(self, node, context, stream, horizon)
+        seen.append((stream, horizon, chain))
+        return chain
+
+    def unbounded(self, node, context, stream="greedy", horizon=None):  # noqa: ANN001, ANN202
+        return guess(self, node, context, stream, None)
+
+    def run(names: list[str]):  # noqa: ANN202
+        return score(lm, info, tokens, queries, names, params, "exact", EngineOptions("fast", 4, lookahead=8))
+
+    for names, deepest in ((["greedy_generation"], 7), (["greedy_generation", "marginal_probability_at_any_place"], 8)):
+        seen.clear()
+        monkeypatch.setattr(Lookahead, "guess", recorded)
+        bounded, st = run(names)
+        assert max(h for _, h, _ in seen) == deepest  # a node both programs ask for: the longer horizon
+        assert all(len(path) <= h for _, h, chain in seen for _, path in chain)
+        monkeypatch.setattr(Lookahead, "guess", unbounded)
+        free, st_free = run(names)
+        assert st.guessed < st_free.guessed
+        for name in names:
+            for a, b in zip(bounded[name], free[name]):
+                assert_same(a, b, tol=1e-6)

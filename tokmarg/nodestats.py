@@ -34,19 +34,24 @@ class Need:
     ``top1``: the most probable token (a greedy step); ``nuclei``: ``(semantics, top_p)`` nuclei
     (a tree node); ``watch``: the raw logits at the model's watch ids (forced prefix, verdict);
     ``boundary``: the boundary mass (where a label may end at the node). The log-sum-exp and the
-    EOS probabilities come with every node.
+    EOS probabilities come with every node. ``horizon``: the longest path its program may still
+    ask for after this node (None: not known); guesses ahead (engine.lookahead) stop there.
     """
 
     top1: bool = False
     nuclei: tuple[tuple[str, float], ...] = ()
     watch: bool = False
     boundary: bool = False
+    horizon: int | None = None
 
     def __or__(self, other: Need) -> Need:
         if self == other:
             return self
         nuclei = tuple(dict.fromkeys((*self.nuclei, *other.nuclei)))
-        return Need(self.top1 or other.top1, nuclei, self.watch or other.watch, self.boundary or other.boundary)
+        horizon = None if self.horizon is None or other.horizon is None else max(self.horizon, other.horizon)
+        return Need(
+            self.top1 or other.top1, nuclei, self.watch or other.watch, self.boundary or other.boundary, horizon
+        )
 
     def covers(self, other: Need) -> bool:
         flags = all(mine or not theirs for mine, theirs in zip(self._flags(), other._flags()))

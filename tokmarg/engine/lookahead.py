@@ -61,14 +61,20 @@ class Lookahead:
                 self._hits[stream] += 1
                 self.taken += 1
 
-    def guess(self, node: Node, context: np.ndarray, stream: Hashable = "greedy") -> list[Node]:
+    def guess(
+        self, node: Node, context: np.ndarray, stream: Hashable = "greedy", horizon: int | None = None
+    ) -> list[Node]:
         """The chain of nodes to forward after ``node`` (being forwarded now); ``context``: the
-        sample's prompt and the node's path."""
+        sample's prompt and the node's path; ``horizon``: the longest path the stream's program
+        may ask for (no guess goes past it)."""
         if self.max <= 0:
             return []
         i, path = node
         key = (i, stream)
-        tokens = lookup(context, self._adapt(key))
+        k = self._adapt(key)
+        if horizon is not None:
+            k = min(k, horizon - len(path))
+        tokens = lookup(context, k)
         chain = [(i, path + tuple(tokens[: j + 1])) for j in range(len(tokens))]
         self._chain[key], self._hits[key] = set(chain), 0
         self._streams.setdefault(i, set()).add(key)

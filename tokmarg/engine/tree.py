@@ -264,7 +264,7 @@ class TreeBackend:
                 stream = "tree"
             else:
                 continue
-            guessed = self.lookahead.guess(node, self._context(node), stream)
+            guessed = self.lookahead.guess(node, self._context(node), stream, need.horizon)
             chain = [n for n in guessed if n not in self._slot and n not in owner]
             for n in chain:
                 owner[n] = owner[node]

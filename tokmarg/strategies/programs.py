@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokmarg.nodestats import EXACT, FORCED, GREEDY, PAPER, WATCH, Need, NodeStats, RowSpec
+from tokmarg.nodestats import EXACT, FORCED, PAPER, WATCH, Need, NodeStats, RowSpec
 from tokmarg.probability import char_to_token, first_occurrence
 from tokmarg.strategies.base import ModelTokens, StrategyParams, TokenInfo
 
@@ -45,6 +45,12 @@ def ask_many(paths: Sequence[Path], need: Need) -> Generator[list[Request], list
 # ---------------------------------------------------------------- greedy path
 
 
+def greedy_need(max_new_tokens: int) -> Need:
+    """A greedy step's need: the top token; the path asks for nodes up to ``max_new_tokens - 1``
+    tokens (the last step reads the node before its last token)."""
+    return Need(top1=True, horizon=max_new_tokens - 1)
+
+
 @dataclass(frozen=True)
 class GreedyPath:
     ids: tuple[int, ...]  # generated ids, EOS excluded
@@ -56,8 +62,9 @@ def greedy_path(info: TokenInfo, max_new_tokens: int) -> Generator[list[Request]
     """Greedy continuation up to ``max_new_tokens`` tokens or EOS."""
     ids: list[int] = []
     probs: list[float] = []
+    need = greedy_need(max_new_tokens)
     for _ in range(max_new_tokens):
-        tid, p = (yield from ask(tuple(ids), GREEDY)).top1()
+        tid, p = (yield from ask(tuple(ids), need)).top1()
         if tid in info.eos_ids:
             return GreedyPath(tuple(ids), tuple(probs), True)
         ids.append(tid)
@@ -106,8 +113,9 @@ def greedy_scores_paper(
     fixed: dict[str, float] = {}
     running = 1.0
     state = matcher.paper_root(prompt)
+    need = greedy_need(max_new_tokens)
     for _ in range(max_new_tokens):
-        tid, prob = (yield from ask(tuple(ids), GREEDY)).top1()
+        tid, prob = (yield from ask(tuple(ids), need)).top1()
         step = matcher.paper_children(state, prompt, ids, np.array([tid], dtype=np.int64))
         state = int(step.states[0])
         ids.append(tid)
@@ -178,8 +186,8 @@ def any_place_exact(
     together (a child below eps is never forwarded: its mass is counted and lost at once).
     """
     tally = _ExactTally(len(labels))
-    need = Need(nuclei=((EXACT, sp.top_p),))
-    need_b = Need(nuclei=need.nuclei, boundary=True)  # where a label is pending: its boundary mass
+    need = Need(nuclei=((EXACT, sp.top_p),), horizon=sp.max_new_tokens)  # a node that deep ends its path
+    need_b = Need(nuclei=need.nuclei, boundary=True, horizon=sp.max_new_tokens)  # a label pending: its boundary mass
     eos = np.array(sorted(info.eos_ids), dtype=np.int64)
     root = _Node((), 1.0, 0, matcher.exact_root(), np.zeros(len(labels), dtype=bool))
     frontier = [root] if root.c >= sp.eps else []
@@ -275,7 +283,7 @@ def any_place_paper(
     tokenizer; a label can be counted on several nodes of one path, so scores can exceed 1.
     """
     scores = np.zeros(len(labels))
-    need = Need(nuclei=((PAPER, sp.top_p),))
+    need = Need(nuclei=((PAPER, sp.top_p),), horizon=sp.max_new_tokens)  # a node that deep ends its path
     eos = np.array(sorted(info.eos_ids), dtype=np.int64)
     frontier = [_Node((), 1.0, 0, matcher.paper_root(prompt))] if sp.eps <= 1.0 else []
     nodes = 0
