@@ -257,3 +257,7 @@ def test_bench_json(tiny_model_dir: Path, files) -> None:
         assert 0 < outside and 0 < inside and outside + inside == pytest.approx(per_sample, rel=1e-6)
         assert cost["reduce_seconds"] / 3 <= outside
         assert cost["nodes_per_sample"] >= 1 and 0 < cost["bytes_to_host_per_node"] < 16_000
+        profile = cost["forward_profile"]  # every model call after the prefix, once, by its size
+        assert sum(b["calls"] for b in profile) == cost["forward_calls"]
+        assert sum(b["tokens_total"] for b in profile) == pytest.approx(out["fast"]["tokens_per_sample"] * 3)
+        assert sum(b["ms_per_call"] * b["calls"] for b in profile) / 1000 <= cost["model_seconds"]

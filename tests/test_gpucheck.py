@@ -35,4 +35,5 @@ def test_gpu_check_on_cpu_with_a_tiny_config(llama3_tokenizer_dir: Path) -> None
     assert [t["batch"] for t in res["throughput"]] == [2, 4]
     for t in res["throughput"]:
         assert t["samples_per_s"] > 0 and t["bytes_to_host_per_node"] < 16_000
+        assert sum(b["calls"] for b in t["forward_profile"]) == t["forward_calls"]
     assert res["attention"]["now"] == "tokmarg_tree" and res["multi_gpu"] is None

@@ -60,7 +60,34 @@ def engine_cost(stats: ScoreStats, seconds: float, n: int) -> dict:
         "forward_calls": stats.forward_calls,
         "lookahead_tokens_guessed": stats.guessed,
         "lookahead_tokens_taken": stats.guesses_taken,
+        "forward_profile": forward_profile(stats.calls),
     }
+
+
+# the forward_profile's buckets of tokens per call: (lowest, highest)
+CALL_SIZES = ((1, 1), (2, 8), (9, 32), (33, 128), (129, 512), (513, None))
+
+
+def forward_profile(calls: Sequence[tuple[int, float]]) -> list[dict]:
+    """The model calls by tokens per call: how many, their tokens, and milliseconds per call and
+    per token. A time per call that hardly grows with its tokens is a memory-bound forward (the
+    weights read once per call), where bigger batches and guesses ahead come nearly free; a time
+    per token that stays flat is a compute-bound one, where they do not."""
+    rows = []
+    for low, high in CALL_SIZES:
+        inside = [(n, s) for n, s in calls if low <= n and (high is None or n <= high)]
+        if inside:
+            tokens, seconds = sum(n for n, _ in inside), sum(s for _, s in inside)
+            rows.append(
+                {
+                    "tokens": str(low) if high == low else f"{low}+" if high is None else f"{low}-{high}",
+                    "calls": len(inside),
+                    "tokens_total": tokens,
+                    "ms_per_call": 1000 * seconds / len(inside),
+                    "ms_per_token": 1000 * seconds / tokens,
+                }
+            )
+    return rows
 
 
 def peak_rss_mb() -> float:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from tokmarg.bench import forward_profile
 from tokmarg.config import build_config
 from tokmarg.data import Sample, load_dataset
 from tokmarg.engine.attention import NAME
@@ -147,6 +148,7 @@ def _throughput(lm: LoadedModel, info, tokens, cfg, samples: list[Sample], batch
         "nodes_per_sample": st.nodes / n,
         "bytes_to_host_per_node": st.bytes_to_host / max(st.nodes, 1),
         "forward_calls": st.forward_calls,
+        "forward_profile": forward_profile(st.calls),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
 

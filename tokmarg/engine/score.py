@@ -27,6 +27,7 @@ class ScoreStats:
     nodes: int = 0  # node summaries computed (fast)
     guessed: int = 0  # greedy tokens forwarded ahead of their step (fast, see engine.lookahead)
     guesses_taken: int = 0  # of them, asked for later
+    calls: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds) per model call (fast)
 
 
 def check_window(
@@ -104,6 +105,7 @@ def score(
     stats.reduce_seconds, stats.bytes_to_host = backend.reduce_seconds, backend.bytes_to_host
     stats.nodes = backend.rows_reduced
     stats.guessed, stats.guesses_taken = backend.guessed, backend.guesses_taken
+    stats.calls = backend.call_log
     return outs, stats
 
 

@@ -153,6 +153,7 @@ class TreeBackend:
         self.prefix = tuple(prefix)
         self.P = len(self.prefix)
         self.calls = 0  # model forward calls after the prefix (each a sequential step on a GPU)
+        self.call_log: list[tuple[int, float]] = []  # (tokens, seconds) of each of those calls
         self.model_seconds = 0.0  # wall time in the model: its layers and the lm_head
         self.reduce_seconds = 0.0  # reducing rows on the device and copying the summaries
         self.bytes_to_host = 0
@@ -348,7 +349,10 @@ class TreeBackend:
             self._store_hidden([node for _, node in keep], hidden[rows])
         if hidden_device(out).type == "cuda":
             torch.cuda.synchronize()
-        self.model_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.model_seconds += seconds
+        if plan is not None:
+            self.call_log.append((len(tokens), seconds))
 
     def _store_hidden(self, nodes: list[Node], rows: torch.Tensor) -> None:
         n = len(self._rows)

@@ -120,6 +120,11 @@ def bench_summary(res: dict) -> str:
         f"{f['host_seconds_per_sample']:.4f} s outside it (of which "
         f"{f['reduce_seconds'] / n:.4f} s reducing rows); {f['nodes_per_sample']:.1f} nodes, "
         f"{f['bytes_to_host_per_node']:.0f} bytes to the host per node",
+        "  model calls by tokens per call: "
+        + ", ".join(
+            f"{b['tokens']}: {b['calls']} x {b['ms_per_call']:.0f} ms ({b['ms_per_token']:.2f} ms/token)"
+            for b in f.get("forward_profile", [])
+        ),
     ]
     if "per_strategy" not in res:
         return "\n".join(lines)
