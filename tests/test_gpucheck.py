@@ -33,6 +33,7 @@ def test_gpu_check_on_cpu_with_a_tiny_config(llama3_tokenizer_dir: Path) -> None
     flips = res["bf16_vs_fp32"]
     assert flips["nodes_common"] > 0 and min(flips["top_p"], flips["eps"], flips["eos_0.7"]) >= 0
     assert [t["batch"] for t in res["throughput"]] == [2, 4]
+    assert res["batch_speedup"]["2"] == 1.0 and res["batch_speedup"]["4"] > 0
     for t in res["throughput"]:
         assert t["samples_per_s"] > 0 and t["bytes_to_host_per_node"] < 16_000
         assert sum(b["calls"] for b in t["forward_profile"]) == t["forward_calls"]

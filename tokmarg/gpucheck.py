@@ -11,12 +11,14 @@ object:
 * ``bf16_vs_fp32``: on the nodes both runs reached, how many nucleus cuts (top_p), eps prunings
   and EOS >= 0.7 decisions differ between bf16 and float32 weights;
 * ``throughput``: bf16, all seven strategies, per batch size: samples/s and the seconds per
-  sample in the model, in the device-side reduction and on the host;
+  sample in the model, in the device-side reduction and on the host, and the model calls by
+  tokens per call (``forward_profile``); ``batch_speedup``: each batch size's samples/s against
+  the first one's;
 * ``attention``: the implementation the model had and the one the fast engine ran;
 * ``multi_gpu``: with two or more GPUs, the model spread over two of them (accelerate), fast vs
   reference.
 
-``python -m tokmarg.gpucheck --tokenizer DIR [--shape llama-3.1-8b] [--batches 32,64]``; the test
+``python -m tokmarg.gpucheck --tokenizer DIR [--shape llama-3.1-8b] [--batches 8,32,64]``; the test
 suite runs it on a CPU with ``--shape tiny``.
 """
 
@@ -216,6 +218,10 @@ def run(tokenizer_dir: Path, shape: str, batches: list[int], samples: int, logit
     rec16 = _recorded(lm, info, tokens, queries, cfg, "exact")
     result["bf16_vs_fp32"] = _flips(rec32, rec16, info, mc.params["marginal_probability_at_any_place"])
     result["throughput"] = [_throughput(lm, info, tokens, cfg, data, b, 2 * b) for b in batches]
+    base = result["throughput"][0]  # each batch size's samples/s against the first's (8 by default)
+    result["batch_speedup"] = {
+        str(t["batch"]): t["samples_per_s"] / base["samples_per_s"] for t in result["throughput"]
+    }
     result["multi_gpu"] = _multi_gpu(model, tok, info, tokens, cfg, data) if result["gpus"] >= 2 else None
     result["seconds"] = time.perf_counter() - t_start
     return result
@@ -225,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tokmarg.gpucheck", description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, required=True, help="the converted Llama 3 tokenizer directory")
     ap.add_argument("--shape", default="llama-3.1-8b")
-    ap.add_argument("--batches", default="32,64")
+    ap.add_argument(
+        "--batches", default="8,32,64", help="batch sizes to time; the first is the baseline of batch_speedup"
+    )
     ap.add_argument("--samples", type=int, default=4, help="samples for the fp32 agreement and the bf16 flips")
     ap.add_argument("--logit-std", type=float, default=DEFAULT_LOGIT_STD)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
