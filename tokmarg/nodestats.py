@@ -61,7 +61,6 @@ class Need:
         return self.top1, self.watch, self.boundary
 
 
-GREEDY = Need(top1=True)
 WATCH = Need(watch=True)
 FORCED = Need(watch=True, boundary=True)
 

@@ -101,7 +101,7 @@ def score(
             for s in strategies:
                 on_done(s, len(chunk))
     stats.seconds["all"] = time.perf_counter() - t0
-    stats.forward_calls, stats.model_seconds = backend.calls, backend.model_seconds
+    stats.forward_calls, stats.model_seconds = len(backend.call_log), backend.model_seconds
     stats.reduce_seconds, stats.bytes_to_host = backend.reduce_seconds, backend.bytes_to_host
     stats.nodes = backend.rows_reduced
     stats.guessed, stats.guesses_taken = backend.guessed, backend.guesses_taken

@@ -152,8 +152,7 @@ class TreeBackend:
         self.kv = TreeKV()
         self.prefix = tuple(prefix)
         self.P = len(self.prefix)
-        self.calls = 0  # model forward calls after the prefix (each a sequential step on a GPU)
-        self.call_log: list[tuple[int, float]] = []  # (tokens, seconds) of each of those calls
+        self.call_log: list[tuple[int, float]] = []  # (tokens, seconds) of each model call after the prefix
         self.model_seconds = 0.0  # wall time in the model: its layers and the lm_head
         self.reduce_seconds = 0.0  # reducing rows on the device and copying the summaries
         self.bytes_to_host = 0
@@ -334,7 +333,6 @@ class TreeBackend:
             if anc is None:
                 anc = np.full((len(tokens), 1), -1, dtype=np.int64)
             self.kv.set_plan(sample, slot, sees, anc, self.kv.capacity)
-            self.calls += 1
         t0 = time.perf_counter()
         out = self.decoder(
             input_ids=torch.as_tensor(tokens, device=dev)[None],  # (1, q)

@@ -123,7 +123,7 @@ def bench_summary(res: dict) -> str:
         "  model calls by tokens per call: "
         + ", ".join(
             f"{b['tokens']}: {b['calls']} x {b['ms_per_call']:.0f} ms ({b['ms_per_token']:.2f} ms/token)"
-            for b in f.get("forward_profile", [])
+            for b in f["forward_profile"]
         ),
     ]
     if "per_strategy" not in res:
