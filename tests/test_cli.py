@@ -261,3 +261,51 @@ def test_bench_json(tiny_model_dir: Path, files) -> None:
         assert sum(b["calls"] for b in profile) == cost["forward_calls"]
         assert sum(b["tokens_total"] for b in profile) == pytest.approx(out["fast"]["tokens_per_sample"] * 3)
         assert sum(b["ms_per_call"] * b["calls"] for b in profile) / 1000 <= cost["model_seconds"]
+
+
+def test_eval_with_excluded_codes(tiny_model_dir: Path, files, tmp_path: Path) -> None:
+    """`exclude_codes: [S14]`: S14 leaves the labels, the scores and the prompt; the manifest
+    names it and counts the rows whose labels changed (row d: S14,S11 -> S11)."""
+    data, params = files
+    params.write_text(TINY_PARAMS + "exclude_codes: [S14]\n", encoding="utf-8")
+    out = tmp_path / "run"
+    res = _eval(tiny_model_dir, data, params, out, "--strategies", "token_probability,LogTokU")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["exclude_codes"] == ["S14"] and manifest["n_relabeled"] == 1
+    pred = pd.concat(pd.read_parquet(p) for p in (out / "predictions").glob("*.parquet"))
+    for scores in pred.scores:
+        if scores is not None:
+            assert "S14" not in scores and "S13" in scores
+    assert all("S14" not in p for p in pred.pred_labels)
+    shown = runner.invoke(
+        app, ["prompts", "--models", str(tiny_model_dir), "--dataset", str(data), "--params", str(params)]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "S13:" in shown.output and "S14:" not in shown.output
+
+
+def test_prompts_command(tiny_model_dir: Path, files) -> None:
+    data, params = files
+    res = runner.invoke(
+        app,
+        [
+            "prompts",
+            "--models",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--params",
+            str(params),
+            "--limit",
+            "4",
+            "--ids",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    heads = [ln for ln in res.output.splitlines() if ln.startswith("== ")]
+    assert [h.split()[2] for h in heads] == ["a", "b", "c", "d"]
+    assert "how do I hurt someone" in res.output and "Sure, here is how." in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.startswith("ids: ")]) == 4
+    bad = runner.invoke(app, ["prompts", "--models", str(tiny_model_dir), "--dataset", str(data / "nope.jsonl")])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and bad.output.startswith("error:")

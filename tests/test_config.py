@@ -76,11 +76,24 @@ def test_defaults_when_keys_missing(tmp_path: Path, text: str) -> None:
     assert StrategyParams() == StrategyParams(top_p=0.99, max_new_tokens=50, eps=0.01, threshold=0.2)
 
 
+META_OWN = {  # the shipped entries of Meta's guards and the policy each one's template writes
+    "meta-llama/Meta-Llama-Guard-2-8B": "llama_guard_2_8b",
+    GUARD3: "llama_guard_3_8b",
+    "meta-llama/Llama-Guard-3-1B": "llama_guard_3_1b",
+    "meta-llama/Llama-Guard-3-11B-Vision": "llama_guard_3_11b_vision",
+    "meta-llama/Llama-Guard-4-12B": "llama_guard_4_12b",
+}
+FEWER_CODES = ("meta-llama/Meta-Llama-Guard-2-8B", "meta-llama/Llama-Guard-3-1B", "meta-llama/Llama-Guard-3-11B-Vision")
+
+
 def test_shipped_params_validate() -> None:
     p = REPO / "params.yaml"
     raw = load_params(p)
-    names = list(raw["models"])
+    names = [n for n in raw["models"] if n not in FEWER_CODES]  # 11 or 13 codes: not on a 14-code run
     cfg = build_config(p, models=names)
+    for m in cfg.models:
+        if m.name in META_OWN:
+            assert m.prompt == "guard" and m.taxonomy.name == META_OWN[m.name] and m.answer_prefix == "\n\n"
     assert cfg.semantics == "exact" and cfg.calibration == "transductive" and cfg.strategies == ALL
     by = {m.name: m for m in cfg.models}
     assert list(by) == names
@@ -89,6 +102,40 @@ def test_shipped_params_validate() -> None:
     assert by[LLAMA].params[ANY] == StrategyParams(0.9, 8, 0.01, 0.3)
     assert by[GUARD3].params[ANY] == StrategyParams(0.99, 8, 0.01, 0.2)
     assert build_config(p).models[0].name == DEFAULT_MODEL
+
+
+def test_shipped_13_code_guards_run_with_s14_excluded(tmp_path: Path) -> None:
+    """Llama Guard 3 1B / 11B-Vision know S1-S13: a 14-code run refuses them in one line naming
+    the fix; with `exclude_codes: [S14]` they run, S14 gone from the labels and their policy."""
+    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    one_b = "meta-llama/Llama-Guard-3-1B"
+    with pytest.raises(ConfigError) as e:
+        build_config(REPO / "params.yaml", models=[one_b])
+    assert "lacks S14 of the run's taxonomy llama_guard_3: add `exclude_codes: [S14]`" in str(e.value)
+    p = write(tmp_path, text.replace("exclude_codes: []", "exclude_codes: [S14]"))
+    cfg = build_config(p, models=[one_b, GUARD3])
+    assert cfg.taxonomy.codes == tuple(f"S{i}" for i in range(1, 14)) and cfg.taxonomy.excluded_codes == ("S14",)
+    lg1, lg8 = cfg.models
+    assert lg1.taxonomy.codes == cfg.taxonomy.codes and lg1.exclude_codes == ()  # S14 is not in its policy anyway
+    assert lg8.taxonomy.codes == cfg.taxonomy.codes and lg8.exclude_codes == ("S14",)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("exclude_codes: S14\n", "exclude_codes: 'S14' must be a list of category codes"),
+        ("exclude_codes: [S15]\n", "exclude_codes: unknown code(s) ['S15'] for taxonomy llama_guard_3"),
+        ("models:\n  m:\n    exclude_codes: [S1]\n", "models.m.exclude_codes: leaves"),
+    ],
+)
+def test_exclude_codes_errors(tmp_path: Path, text: str, needle: str) -> None:
+    if "models.m" in needle:  # a model left with fewer codes than the run's: named, with the fix
+        with pytest.raises(ConfigError, match="lacks S1 of the run's taxonomy"):
+            build_config(write(tmp_path, text), models=["m"])
+        return
+    with pytest.raises(ConfigError) as e:
+        build_config(write(tmp_path, text))
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_shipped_params_with_paper_template(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

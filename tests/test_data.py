@@ -356,3 +356,22 @@ def test_shared_paper_datasets(name: str, taxonomy: Taxonomy, rows: int) -> None
     other = LLAMA_GUARD_2 if taxonomy is LLAMA_GUARD_3 else LLAMA_GUARD_3
     with pytest.raises(DataError, match=":1: field 'llama_guard_"):
         load_dataset(path, other)
+
+
+def test_excluded_codes_are_dropped_from_the_labels(tmp_path: Path) -> None:
+    """`exclude_codes`: labels of excluded codes are valid, then dropped; a row left with none is
+    safe; the rows that changed are counted."""
+    p = tmp_path / "d.jsonl"
+    rows = [
+        {"prompt": "a", "labels": ["S1", "S14"]},
+        {"prompt": "b", "labels": ["S14"]},
+        {"prompt": "c", "labels": ["S2"]},
+        {"prompt": "d", "labels": []},
+    ]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    ds = load_dataset(p, LLAMA_GUARD_3.without(["S14"]))
+    assert [s.true_codes for s in ds.samples] == [("S1",), (), ("S2",), ()]
+    assert ds.n_relabeled == 2
+    assert load_dataset(p, LLAMA_GUARD_3).n_relabeled == 0
+    with pytest.raises(DataError, match="unknown code 'S14'"):  # a code the taxonomy never had stays an error
+        load_dataset(p, Taxonomy("t", LLAMA_GUARD_3.categories[:13]))

@@ -155,8 +155,9 @@ def run(
     return out
 
 
-def assert_same(a: SampleOutput, b: SampleOutput, tol: float = 0.0) -> None:
-    """Two engines' outputs agree: scores within ``tol``, everything else equal."""
+def assert_same(a: SampleOutput, b: SampleOutput, tol: float = 0.0, u_tol: float | None = None) -> None:
+    """Two engines' outputs agree: scores within ``tol``, everything else equal. ``u_tol``: the
+    uncertainty's own absolute tolerance, where the arithmetic bounds it (see test_engine)."""
     assert (a.scores is None) == (b.scores is None)
     if a.scores is not None and b.scores is not None:
         assert a.scores.keys() == b.scores.keys()
@@ -168,4 +169,5 @@ def assert_same(a: SampleOutput, b: SampleOutput, tol: float = 0.0) -> None:
         x, y = getattr(a, f), getattr(b, f)
         # u is relative: LogTokU divides by a term near 0 when the top-2 evidence is near 0
         scale = max(1.0, abs(y)) if f == "uncertainty" and y is not None else 1.0
-        assert (x is None) == (y is None) and (x is None or abs(x - y) <= max(tol, 1e-12) * scale), (f, x, y)
+        bound = u_tol if f == "uncertainty" and u_tol is not None else max(tol, 1e-12) * scale
+        assert (x is None) == (y is None) and (x is None or abs(x - y) <= bound), (f, x, y, bound)

@@ -21,12 +21,11 @@ from tokmarg.data import Dataset
 from tokmarg.engine.score import ScoreStats, score
 from tokmarg.engine.tree import prepare
 from tokmarg.models import load_model, model_view
-from tokmarg.prompts import load_format
 from tokmarg.records import Manifest
 from tokmarg.settings import EngineOptions, EvalSettings
 from tokmarg.strategies import REGISTRY, SampleOutput
 from tokmarg.strategies.uncertainty import finalize
-from tokmarg.worker import build_queries
+from tokmarg.worker import WorkerSpec, build_queries
 
 AGREE_TOL = 1e-4
 
@@ -102,8 +101,8 @@ class _Bench:
         self.cfg, self.mc = cfg, cfg.models[0]
         self.lm = load_model(self.mc.name, self.mc.device, self.mc.dtype)
         self.info, self.tokens = model_view(self.lm, cfg.taxonomy.codes)
-        fmt = load_format(self.mc.prompt)
-        self.queries = build_queries(self.lm, self.mc, fmt, cfg.taxonomy.labels, ds.samples, ds.has_safe)
+        spec = WorkerSpec.from_config(self.mc, cfg)
+        self.queries = build_queries(spec.prompt(self.lm.tokenizer), cfg.taxonomy.labels, ds.samples, ds.has_safe)
         self.truth = [s.true_codes for s in ds.samples]
         self.n = len(self.queries)
         if self.queries:

@@ -109,6 +109,41 @@ def validate_cmd(
         typer.echo(inputs_summary(s, *load_inputs(s)))
 
 
+@app.command("prompts")
+def prompts_cmd(
+    models: Models = None,
+    dataset: Dataset = None,
+    params: Params = None,
+    limit: Annotated[int, Opt(min=1, help="first N samples only")] = 3,
+    ids: Annotated[bool, Opt("--ids", help="also print the token ids")] = False,
+    trust_remote_code: TrustCode = None,
+) -> None:
+    """Print the exact text each model reads for each sample (loads tokenizers only)."""
+    options = {k: v for k, v in locals().items() if k != "ids"}
+    from tokmarg.chat import listing
+    from tokmarg.models import load_tokenizer
+    from tokmarg.prompts import load_format
+    from tokmarg.runner import load_inputs
+    from tokmarg.settings import from_options
+
+    with _errors():
+        s = from_options(options)
+        cfg, ds = load_inputs(s)
+        views = [
+            (
+                m.name,
+                load_tokenizer(m.name, trust_remote_code=s.trust_remote_code),
+                load_format(m.prompt),
+                m.taxonomy,
+                m.answer_prefix,
+                m.exclude_codes,
+            )
+            for m in cfg.models
+        ]
+        lines = list(listing(views, ds.samples, ids))  # every prompt checked before anything prints
+    typer.echo("\n".join(lines))
+
+
 @app.command("eval", context_settings={"allow_extra_args": True})
 def eval_cmd(
     ctx: typer.Context,

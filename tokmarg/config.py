@@ -23,8 +23,18 @@ from tokmarg.strategies.uncertainty import CALIBRATIONS, Calibration
 from tokmarg.taxonomy import BUILTIN, Taxonomy, TaxonomyError, get_taxonomy, taxonomy_from_mapping
 
 PARAM_KEYS = tuple(f.name for f in fields(StrategyParams))
-TOP_KEYS = ("semantics", "calibration", "taxonomy", "taxonomies", "prompt", "strategies", "models", "seed")
-MODEL_KEYS = ("prompt", "taxonomy", "answer_prefix", "device", "dtype", "strategies", *PARAM_KEYS)
+TOP_KEYS = (
+    "semantics",
+    "calibration",
+    "taxonomy",
+    "taxonomies",
+    "exclude_codes",
+    "prompt",
+    "strategies",
+    "models",
+    "seed",
+)
+MODEL_KEYS = ("prompt", "taxonomy", "exclude_codes", "answer_prefix", "device", "dtype", "strategies", *PARAM_KEYS)
 
 
 class ConfigError(TokmargError, ValueError):
@@ -35,11 +45,12 @@ class ConfigError(TokmargError, ValueError):
 class ModelConfig:
     name: str
     prompt: str  # "guard", "instruct" or a template path
-    taxonomy: Taxonomy
+    taxonomy: Taxonomy  # the policy the prompt shows (less the excluded codes)
     answer_prefix: str  # text the model writes before safe/unsafe (e.g. "\n\n" for Llama Guard 3)
     device: str
     dtype: str
     params: dict[str, StrategyParams]  # strategy -> resolved params
+    exclude_codes: tuple[str, ...] = ()  # codes left out of the prompt's policy (the run's and its own)
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ class Config:
     raw: dict
     semantics: Semantics
     calibration: Calibration
-    taxonomy: Taxonomy  # the dataset's taxonomy
+    taxonomy: Taxonomy  # the dataset's taxonomy, less the run's `exclude_codes` (its labels)
     strategies: tuple[str, ...]
     models: tuple[ModelConfig, ...]
     seed: int
@@ -145,6 +156,7 @@ def build_config(
     cal = _choice(f"{f}: calibration", raw.get("calibration", "transductive"), CALIBRATIONS)
     taxonomies = _Taxonomies(f, raw)
     taxonomy = taxonomies.get(f"{f}: taxonomy", raw.get("taxonomy", "llama_guard_3"))
+    taxonomy = _without(f"{f}: exclude_codes", taxonomy, raw.get("exclude_codes"))
     base_dir = Path(path).resolve().parent
     defaults = _ModelDefaults(
         prompt=_prompt(f"{f}: prompt", raw.get("prompt", "instruct"), base_dir),
@@ -161,6 +173,14 @@ def build_config(
         name: _model(f, name, model_raw.get(name), base, chosen, taxonomy, taxonomies, defaults)
         for name in [*model_raw, *(n for n in names if n not in model_raw)]  # every entry is validated
     }
+    for name in names:  # an entry's taxonomy must hold the run's codes only where the model runs
+        lacking = [c for c in taxonomy.codes if c not in built[name].taxonomy.codes]
+        if lacking:
+            raise ConfigError(
+                f"{f}: models.{name}.taxonomy: {built[name].taxonomy.name} (less its exclude_codes) lacks "
+                f"{', '.join(lacking)} of the run's taxonomy {taxonomy.name}: add `exclude_codes: "
+                f"[{', '.join(lacking)}]` to the params (drops them from the labels) or choose another taxonomy"
+            )
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{f}: seed: {seed!r} must be an integer")
@@ -234,9 +254,9 @@ def _model(
         s: StrategyParams(**{**base[s], **shared, **_params(f"{where}.strategies.{s}", per.get(s))}) for s in REGISTRY
     }
     prompt = _prompt(f"{where}.prompt", entry["prompt"], defaults.base_dir) if "prompt" in entry else defaults.prompt
-    m_tax = taxonomies.get(f"{where}.taxonomy", entry.get("taxonomy", taxonomy.name))
-    if set(taxonomy.codes) - set(m_tax.codes):
-        raise ConfigError(f"{where}.taxonomy: {m_tax.name} lacks codes of the dataset taxonomy {taxonomy.name}")
+    m_tax = taxonomies.get(f"{where}.taxonomy", entry.get("taxonomy", taxonomy.name)).complete()
+    run_excluded = [c for c in taxonomy.excluded_codes if c in m_tax.codes]
+    m_tax = _without(f"{where}.exclude_codes", m_tax, entry.get("exclude_codes"), run_excluded)
     return ModelConfig(
         name,
         prompt,
@@ -245,4 +265,20 @@ def _model(
         _string(f"{where}.device", entry.get("device"), defaults.device),
         _choice(f"{where}.dtype", entry.get("dtype", defaults.dtype), list(DTYPES)),
         {s: resolved[s] for s in chosen},
+        m_tax.excluded_codes,
     )
+
+
+def _without(where: str, taxonomy: Taxonomy, value: object, also: Sequence[str] = ()) -> Taxonomy:
+    """``taxonomy`` less the codes listed at ``where`` (a list of its codes) and ``also``."""
+    if value is None:
+        value = []
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise ConfigError(f"{where}: {value!r} must be a list of category codes")
+    try:
+        out = taxonomy.without([*also, *value])
+    except TaxonomyError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not out.codes:
+        raise ConfigError(f"{where}: leaves taxonomy {taxonomy.name} without a category")
+    return out

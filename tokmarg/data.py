@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tokmarg.errors import TokmargError
@@ -117,6 +117,7 @@ class Dataset:
     samples: tuple[Sample, ...]
     n_skipped: int
     skipped: tuple[str, ...]
+    n_relabeled: int = 0  # samples that lost labels of codes the run excludes (`exclude_codes`)
 
     @property
     def has_safe(self) -> bool:
@@ -329,7 +330,8 @@ def load_dataset(
     (``'<path>:<line>: <reason>'``); with ``skip_invalid=True`` bad lines are skipped and
     their messages recorded in ``Dataset.skipped``. A missing or non-UTF-8 file, or one
     with no valid sample, is always an error. ``limit`` keeps the first ``limit`` valid
-    samples and stops reading after them.
+    samples and stops reading after them. Labels of the taxonomy's excluded codes are valid and
+    dropped (a sample left with none counts as safe); ``Dataset.n_relabeled`` counts such samples.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -338,6 +340,8 @@ def load_dataset(
     samples: list[Sample] = []
     skipped: list[str] = []
     seen: dict[str, int] = {}
+    full, kept = taxonomy.complete(), set(taxonomy.codes)  # labels of excluded codes parse, then drop
+    relabeled = 0
     # split on "\n" only: JSON strings may legally hold other line separators (U+2028, ...)
     for lineno, raw_line in enumerate(text.split("\n"), start=1):
         if limit is not None and len(samples) >= limit:
@@ -350,7 +354,7 @@ def load_dataset(
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise _RecordError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            sample = parse_line(obj, lineno, taxonomy)
+            sample = parse_line(obj, lineno, full)
             if sample.id in seen:
                 raise _RecordError(f"duplicate sample id {sample.id!r} (first on line {seen[sample.id]})")
         except ValueError as exc:
@@ -360,6 +364,9 @@ def load_dataset(
             skipped.append(message)
             continue
         seen[sample.id] = lineno
+        if taxonomy.excluded and not kept.issuperset(sample.true_codes):
+            sample = replace(sample, true_codes=tuple(c for c in sample.true_codes if c in kept))
+            relabeled += 1
         samples.append(sample)
 
     if not samples:
@@ -371,4 +378,5 @@ def load_dataset(
         samples=tuple(samples),
         n_skipped=len(skipped),
         skipped=tuple(skipped),
+        n_relabeled=relabeled,
     )

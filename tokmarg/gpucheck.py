@@ -42,21 +42,17 @@ from tokmarg.engine.score import EngineOptions, score
 from tokmarg.engine.tree import TreeBackend, common_prefix_len, prepare
 from tokmarg.models import LoadedModel, model_view
 from tokmarg.nodestats import EXACT
-from tokmarg.prompts import load_format, prompt_ids, render
 from tokmarg.strategies import REGISTRY, Context, Query, SampleOutput
 from tokmarg.synthetic import DEFAULT_LOGIT_STD, random_llama
+from tokmarg.worker import WorkerSpec, build_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 
 
 def _queries(lm: LoadedModel, cfg, samples: list[Sample]) -> list[Query]:  # noqa: ANN001
-    mc = cfg.models[0]
-    fmt = load_format(mc.prompt)
-    return [
-        Query(s.id, prompt_ids(lm.tokenizer, render(lm.tokenizer, fmt, s, mc.taxonomy)), cfg.taxonomy.labels, False)
-        for s in samples
-    ]
+    prompt = WorkerSpec.from_config(cfg.models[0], cfg).prompt(lm.tokenizer)
+    return build_queries(prompt, cfg.taxonomy.labels, samples, False)
 
 
 def _codes(out: SampleOutput, threshold: float) -> tuple:

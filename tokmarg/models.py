@@ -135,6 +135,28 @@ class LoadedModel:
         return self.model(input_ids=x, logits_to_keep=1).logits[0, -1].float().cpu()
 
 
+def _source(name: str) -> str:
+    """The directory or hub id to load ``name`` from (a preset converted once); refuses unknown names."""
+    if name not in PRESETS and not Path(name).is_dir() and ("/" not in name or Path(name).exists()):
+        known = ", ".join(PRESETS)
+        raise ModelError(f"unknown model {name!r}: not a preset ({known}), a local directory or a hub id 'org/name'")
+    return str(converted_dir(name)) if name in PRESETS else name
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> object:
+    """Only the tokenizer (and its chat template) of a preset, local directory or hub id."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = _source(name)
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {msg}") from None
+
+
 def load_model(
     name: str,
     device: str = "auto",
@@ -154,10 +176,7 @@ def load_model(
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    source = str(converted_dir(name)) if name in PRESETS else name
-    if name not in PRESETS and not Path(name).is_dir() and ("/" not in name or Path(name).exists()):
-        known = ", ".join(PRESETS)
-        raise ModelError(f"unknown model {name!r}: not a preset ({known}), a local directory or a hub id 'org/name'")
+    source = _source(name)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:

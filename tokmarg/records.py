@@ -361,6 +361,8 @@ class Manifest:
     dataset: str = ""
     n_skipped: int = 0
     skipped: list = field(default_factory=list)
+    exclude_codes: list[str] = field(default_factory=list)  # codes the run leaves out (prompts and labels)
+    n_relabeled: int = 0  # samples whose labels of excluded codes were dropped
     partition_size: int = 0
     partitions: dict[str, int] = field(default_factory=dict)
     launch: dict = field(default_factory=dict)  # launcher, workers (one entry per model worker), placement

@@ -237,6 +237,8 @@ def _manifest(
         n_samples=len(ds.samples),
         n_skipped=ds.n_skipped,
         skipped=list(ds.skipped),
+        exclude_codes=list(cfg.taxonomy.excluded_codes),
+        n_relabeled=ds.n_relabeled,
         partition_size=job["partition_size"],
         partitions={"per_model": len(parts), "done_before_this_session": done_before},
         launch=launch,

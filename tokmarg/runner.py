@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tokmarg.chat import role_patterns
 from tokmarg.config import Config, ModelConfig, build_config
 from tokmarg.data import Dataset, load_dataset
 from tokmarg.launch import Launcher, make_launcher
@@ -55,6 +56,7 @@ def _resolved(mc: ModelConfig) -> dict:
     return {
         "prompt": mc.prompt,
         "taxonomy": mc.taxonomy.name,
+        **({"exclude_codes": list(mc.exclude_codes)} if mc.exclude_codes else {}),  # older runs: none
         "answer_prefix": mc.answer_prefix,
         "device": mc.device,
         "dtype": mc.dtype,
@@ -151,6 +153,7 @@ def _score(
     settings: EvalSettings,
 ) -> dict:
     todo_models = {m for m, _ in work}
+    probes = role_patterns(ds.samples)  # each worker renders one sample per conversation shape at load
     specs = [
         WorkerSpec.from_config(
             mc,
@@ -158,6 +161,7 @@ def _score(
             engine=settings.engine,
             trust_remote_code=settings.trust_remote_code,
             allow_pickle=settings.allow_pickle,
+            probes=probes,
         )
         for mc in cfg.models
         if mc.name in todo_models

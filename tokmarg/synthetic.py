@@ -71,48 +71,83 @@ class SyntheticError(TokmargError, RuntimeError):
     """A synthetic model cannot be built (a missing package); one line saying what to install."""
 
 
-def _llama3_dir() -> Path:
+# The Llama 4 chat format: <|header_start|>role<|header_end|>, blank line, content, <|eot|>.
+LLAMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n"
+    "{{ m['content'] | trim }}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+
+
+def _llama_models_dir(generation: str) -> Path:
     spec = importlib.util.find_spec("llama_models")
     if spec is None or not spec.submodule_search_locations:
-        raise SyntheticError("the Llama 3 tokenizer needs the package llama-models: pip install --no-deps llama-models")
-    return Path(list(spec.submodule_search_locations)[0]) / "llama3"
+        raise SyntheticError(
+            f"the Llama {generation[-1]} tokenizer needs the package llama-models: pip install --no-deps llama-models"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / generation
 
 
-def _convert(src: Path, out: Path) -> None:
+def _specials(generation: str) -> tuple[list[str], str, str, str]:
+    """(special tokens after the ranks, in id order; eos; pad; the split pattern) of a generation."""
+    src = _llama_models_dir(generation)
+    if generation == "llama3":
+        pattern = re.search(r'pat_str = r"(.*)"', (src / "tokenizer.py").read_text(encoding="utf-8"))
+        if pattern is None:
+            raise SyntheticError(f"{src / 'tokenizer.py'}: no pat_str found (an unexpected llama-models version)")
+        reserved = (f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS)))
+        return [*LLAMA3_SPECIALS, *reserved], "<|eot_id|>", "<|finetune_right_pad_id|>", pattern.group(1)
+    from llama_models.llama4 import tokenizer as meta  # its module lists the special tokens and the pattern
+
+    named = [*meta.BASIC_SPECIAL_TOKENS, *meta.LLAMA4_SPECIAL_TOKENS]
+    n = meta.Tokenizer.num_reserved_special_tokens
+    reserved = (f"<|reserved_special_token_{i}|>" for i in range(n - len(named)))
+    return [*named, *reserved], "<|eot|>", "<|finetune_right_pad|>", meta.Tokenizer.O200K_PATTERN
+
+
+def _convert(generation: str, out: Path) -> None:
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     if importlib.util.find_spec("tiktoken") is None:
-        raise SyntheticError("converting the Llama 3 tokenizer needs tiktoken: pip install tiktoken")
-    pattern = re.search(r'pat_str = r"(.*)"', (src / "tokenizer.py").read_text(encoding="utf-8"))
-    if pattern is None:
-        raise SyntheticError(f"{src / 'tokenizer.py'}: no pat_str found (an unexpected llama-models version)")
-    tok = TikTokenConverter(vocab_file=str(src / "tokenizer.model"), pattern=pattern.group(1)).converted()
-    specials = [*LLAMA3_SPECIALS, *(f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS)))]
+        raise SyntheticError(f"converting the Llama {generation[-1]} tokenizer needs tiktoken: pip install tiktoken")
+    specials, eos, pad, pattern = _specials(generation)
+    model_file = _llama_models_dir(generation) / "tokenizer.model"
+    tok = TikTokenConverter(vocab_file=str(model_file), pattern=pattern).converted()
     tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        clean_up_tokenization_spaces=True,  # as Meta's own tokenizer_config.json for Llama 3 says
+        eos_token=eos,
+        pad_token=pad,
+        clean_up_tokenization_spaces=generation == "llama3",  # as Meta's own tokenizer_config.json says
     )
-    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE if generation == "llama3" else LLAMA4_CHAT_TEMPLATE
     fast.save_pretrained(out)
+
+
+def _tokenizer_dir(generation: str, cache: Path | None) -> Path:
+    from tokmarg.models import cache_root, publish_dir
+
+    model_file = _llama_models_dir(generation) / "tokenizer.model"
+    template = LLAMA3_CHAT_TEMPLATE if generation == "llama3" else LLAMA4_CHAT_TEMPLATE
+    key = hashlib.sha256(f"{model_file.stat().st_size}:{template}".encode()).hexdigest()[:12]
+    target = (cache or cache_root()) / "tokenizers" / f"{generation}-{key}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    return publish_dir(target, "tokenizer.json", lambda tmp: _convert(generation, tmp))
 
 
 def llama3_tokenizer_dir(cache: Path | None = None) -> Path:
     """A directory holding the converted Llama 3 tokenizer (converted once, ~3 s, then cached)."""
-    from tokmarg.models import cache_root, publish_dir
+    return _tokenizer_dir("llama3", cache)
 
-    src = _llama3_dir()
-    model_file = src / "tokenizer.model"
-    key = hashlib.sha256(f"{model_file.stat().st_size}:{LLAMA3_CHAT_TEMPLATE}".encode()).hexdigest()[:12]
-    target = (cache or cache_root()) / "tokenizers" / f"llama3-{key}"
-    if (target / "tokenizer.json").is_file():
-        return target
-    return publish_dir(target, "tokenizer.json", lambda tmp: _convert(src, tmp))
+
+def llama4_tokenizer_dir(cache: Path | None = None) -> Path:
+    """A directory holding Meta's converted Llama 4 tokenizer: 200,000 ranks + 2,048 special tokens
+    (202,048 ids; ``<|begin_of_text|>`` 200000, ``<|eot|>`` its end of turn), converted once, then cached."""
+    return _tokenizer_dir("llama4", cache)
 
 
 def llama3_tokenizer(cache: Path | None = None):  # noqa: ANN201 - a transformers tokenizer

@@ -1,7 +1,10 @@
 """Safety taxonomies: ordered category codes with names and descriptions.
 
-Built in: ``llama_guard_3`` (S1..S14) and ``llama_guard_2`` (S1..S11). A custom
-taxonomy comes from params.yaml (see :func:`taxonomy_from_mapping`).
+Built in: ``llama_guard_3`` (S1..S14) and ``llama_guard_2`` (S1..S11), as the paper names them
+(with descriptions), and each Meta guard model's own policy as its chat template writes it
+(:data:`META_GUARDS`: ``llama_guard_2_8b``, ``llama_guard_3_8b``, ``llama_guard_3_1b``,
+``llama_guard_3_11b_vision``, ``llama_guard_4_12b``). A custom taxonomy comes from params.yaml
+(see :func:`taxonomy_from_mapping`).
 """
 
 from __future__ import annotations
@@ -22,15 +25,43 @@ class Category:
 class Taxonomy:
     name: str
     categories: tuple[Category, ...]
+    excluded: tuple[Category, ...] = ()  # left out by `exclude_codes`: not shown, not scored, labels dropped
 
     @property
     def codes(self) -> tuple[str, ...]:
         return tuple(c.code for c in self.categories)
 
     @property
+    def excluded_codes(self) -> tuple[str, ...]:
+        return tuple(c.code for c in self.excluded)
+
+    @property
     def labels(self) -> tuple[str, ...]:
         """``unsafe`` followed by the codes: the label order every strategy uses."""
         return ("unsafe", *self.codes)
+
+    def without(self, codes: tuple[str, ...] | list[str]) -> Taxonomy:
+        """The taxonomy less ``codes`` (each must be one of its codes); the name stays."""
+        unknown = [c for c in codes if c not in self.codes and c not in self.excluded_codes]
+        if unknown:
+            raise TaxonomyError(f"unknown code(s) {unknown} for taxonomy {self.name} (known: {', '.join(self.codes)})")
+        drop = set(codes) | set(self.excluded_codes)
+        every = self.complete().categories
+        return Taxonomy(
+            self.name, tuple(c for c in every if c.code not in drop), tuple(c for c in every if c.code in drop)
+        )
+
+    def complete(self) -> Taxonomy:
+        """Every category, the excluded ones back in their places (by code number, then name)."""
+        if not self.excluded:
+            return self
+        return Taxonomy(self.name, tuple(sorted((*self.categories, *self.excluded), key=_code_order)))
+
+
+def _code_order(c: Category) -> tuple[str, int, str]:
+    head = c.code.rstrip("0123456789")
+    tail = c.code[len(head) :]
+    return head, int(tail) if tail else -1, c.code
 
 
 def _build(name: str, rows: list[tuple[str, str]]) -> Taxonomy:
@@ -75,7 +106,56 @@ LLAMA_GUARD_2 = _build(
     ],
 )
 
-BUILTIN: dict[str, Taxonomy] = {t.name: t for t in (LLAMA_GUARD_3, LLAMA_GUARD_2)}
+
+def _meta(name: str, names: list[str]) -> Taxonomy:
+    """A Meta guard model's own policy, names exactly as its chat template writes them."""
+    return Taxonomy(name, tuple(Category(f"S{i}", n, "") for i, n in enumerate(names, start=1)))
+
+
+_LG3_NAMES = [
+    "Violent Crimes.",
+    "Non-Violent Crimes.",
+    "Sex Crimes.",
+    "Child Exploitation.",
+    "Defamation.",
+    "Specialized Advice.",
+    "Privacy.",
+    "Intellectual Property.",
+    "Indiscriminate Weapons.",
+    "Hate.",
+    "Self-Harm.",
+    "Sexual Content.",
+    "Elections.",
+    "Code Interpreter Abuse.",
+]
+# As Meta's chat templates write them: Llama Guard 2 (11), 3 8B (14), 3 1B and 11B-Vision (13), 4 (14).
+META_GUARDS: dict[str, Taxonomy] = {
+    t.name: t
+    for t in (
+        _meta(
+            "llama_guard_2_8b",
+            [
+                "Violent Crimes.",
+                "Non-Violent Crimes.",
+                "Sex Crimes.",
+                "Child Exploitation.",
+                "Specialized Advice.",
+                "Privacy.",
+                "Intellectual Property.",
+                "Indiscriminate Weapons.",
+                "Hate.",
+                "Self-Harm.",
+                "Sexual Content.",
+            ],
+        ),
+        _meta("llama_guard_3_8b", _LG3_NAMES),
+        _meta("llama_guard_3_1b", _LG3_NAMES[:13]),
+        _meta("llama_guard_3_11b_vision", _LG3_NAMES[:13]),
+        _meta("llama_guard_4_12b", _LG3_NAMES),
+    )
+}
+
+BUILTIN: dict[str, Taxonomy] = {t.name: t for t in (LLAMA_GUARD_3, LLAMA_GUARD_2, *META_GUARDS.values())}
 
 
 class TaxonomyError(TokmargError, ValueError):

@@ -14,12 +14,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tokmarg.chat import ModelPrompt, probe_samples
 from tokmarg.config import Config, ModelConfig
-from tokmarg.data import Sample, Turn
+from tokmarg.data import Sample
 from tokmarg.engine.score import EngineOptions, score
 from tokmarg.engine.tree import common_prefix_len
-from tokmarg.models import LoadedModel, load_model, model_view
-from tokmarg.prompts import PromptFormat, load_format, prompt_ids, render
+from tokmarg.models import load_model, model_view
+from tokmarg.prompts import PromptFormat, load_format
 from tokmarg.records import PartitionMeta, PartitionResult
 from tokmarg.strategies import Query
 from tokmarg.strategies.base import Semantics
@@ -39,10 +40,16 @@ class WorkerSpec:
     allow_pickle: bool = False
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     spread: bool = False  # spread the model over every visible GPU (accelerate device map)
+    probes: tuple[Sample, ...] = ()  # one sample per conversation shape: rendered at load time
 
     @classmethod
     def from_config(cls, mc: ModelConfig, cfg: Config, **kw: object) -> WorkerSpec:
         return cls(mc, load_format(mc.prompt), cfg.taxonomy.labels, cfg.strategies, cfg.semantics, **kw)  # type: ignore[arg-type]
+
+    def prompt(self, tokenizer: object) -> ModelPrompt:
+        """This model's prompts through its tokenizer's chat template (checked as they render)."""
+        mc = self.model
+        return ModelPrompt(mc.name, tokenizer, self.fmt, mc.taxonomy, mc.answer_prefix, mc.exclude_codes)
 
 
 @dataclass(frozen=True)
@@ -56,19 +63,10 @@ class Partition:
 
 
 def build_queries(
-    lm: LoadedModel,
-    mc: ModelConfig,
-    fmt: PromptFormat,
-    labels: tuple[str, ...],
-    samples: Sequence[Sample],
-    has_safe: bool,
+    prompt: ModelPrompt, labels: tuple[str, ...], samples: Sequence[Sample], has_safe: bool
 ) -> list[Query]:
     """Each sample's prompt as this model sees it (its prompt format, chat template and taxonomy)."""
-    tok = lm.tokenizer
-    return [
-        Query(s.id, prompt_ids(tok, render(tok, fmt, s, mc.taxonomy, mc.answer_prefix)), labels, has_safe)
-        for s in samples
-    ]
+    return [Query(s.id, prompt.ids(s), labels, has_safe) for s in samples]
 
 
 class Worker:
@@ -90,6 +88,8 @@ class Worker:
             allow_pickle=spec.allow_pickle,
             device_map="auto" if spec.spread else None,
         )
+        self.prompt = spec.prompt(self.lm.tokenizer)
+        self.prompt.check(spec.probes)  # a conversation the template cannot render: one line, now
         self.info, self.tokens = model_view(self.lm, spec.labels[1:])
         self.template_prefix = self._template_prefix()
         self.load_seconds = time.perf_counter() - t0
@@ -98,10 +98,7 @@ class Worker:
         """Tokens of the prompt before any sample's own text (two probes that differ at once), so
         the prefix prefilled once per partition, and each sample's token count, do not depend on
         how the dataset was partitioned."""
-        spec = self.spec
-        probes = [Sample(f"probe-{c}", (Turn("user", c),), (), 0) for c in ("x", "q")]
-        ids = build_queries(self.lm, spec.model, spec.fmt, spec.labels, probes, False)
-        return common_prefix_len([q.prompt_ids for q in ids])
+        return common_prefix_len([self.prompt.ids(s) for s in probe_samples()])
 
     def describe(self) -> dict:
         import torch
@@ -118,7 +115,7 @@ class Worker:
 
     def run_partition(self, part: Partition) -> PartitionResult:
         spec, mc = self.spec, self.spec.model
-        queries = build_queries(self.lm, mc, spec.fmt, spec.labels, part.samples, part.has_safe)
+        queries = build_queries(self.prompt, spec.labels, part.samples, part.has_safe)
         outs, stats = score(
             self.lm,
             self.info,

@@ -1,0 +1,229 @@
+"""What a model's chat template reads, found by rendering probes, and each sample's prompt as the
+model will read it, checked.
+
+Meta's chat templates differ in ways that a wrong guess turns into a silent wrong result:
+
+* **content shape**: Llama Guard 2 and 3 8B read a message's ``content`` as a string; Llama Guard
+  3 1B, 3 11B-Vision and 4 read a list of parts (``[{"type": "text", "text": ...}]``) and render
+  string content as an empty conversation, with no error. :func:`template_facts` renders a probe
+  both ways and keeps the shape whose output shows the probe's text.
+* **policy**: the newer guard templates take the category list as template variables
+  (``categories``: code -> name, ``excluded_category_keys``); the older ones hard-code it.
+  A ``guard`` prompt passes the run's taxonomy where the template takes it, and refuses a
+  hard-coded list that is not the run's (never a model reading one policy while tokmarg scores
+  another).
+* **system role**: the guard templates refuse a system message; the ``instruct`` prompt then
+  puts its system text first in the user turn.
+
+:class:`ModelPrompt` renders every sample this way and checks the result: a prompt that lacks a
+message's text is refused in one line naming the model and the template.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jinja2 import TemplateError
+
+from tokmarg.data import Sample, Turn
+from tokmarg.prompts import PromptError, PromptFormat, messages, prompt_ids
+from tokmarg.taxonomy import Taxonomy
+
+ContentShape = Literal["string", "parts"]
+PROBE = "tokmarg probe q7z"
+_SYSTEM_PROBE = "tokmarg system probe k3w"
+_POLICY = re.compile(r"<BEGIN UNSAFE CONTENT CATEGORIES>\n(.*?)<END UNSAFE CONTENT CATEGORIES>", re.S)
+_CATEGORY = re.compile(r"^(\w+): (.*?)\s*$")
+
+
+@dataclass(frozen=True)
+class TemplateFacts:
+    """What one chat template reads (see the module docstring)."""
+
+    shape: ContentShape  # how a message's content is passed
+    takes_categories: bool  # the policy comes from the `categories` / `excluded_category_keys` variables
+    system_ok: bool  # a system message renders (and shows)
+    policy: tuple[tuple[str, str], ...] | None  # (code, name) the template writes by default; None: no policy block
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def apply_template(tokenizer: object, msgs: list[dict], variables: dict | None = None) -> str:
+    """The chat template's text for ``msgs`` with the generation prompt; its refusals as PromptError."""
+    try:
+        return tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            msgs, tokenize=False, add_generation_prompt=True, **(variables or {})
+        )
+    except (TemplateError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise PromptError(f"the chat template refused it: {_first_line(e)}") from None
+
+
+def shaped(msgs: Iterable[dict[str, str]], shape: ContentShape) -> list[dict]:
+    """Messages with their content as the template reads it."""
+    if shape == "string":
+        return [dict(m) for m in msgs]
+    return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in msgs]
+
+
+def _renders(tokenizer: object, msgs: list[dict], needle: str) -> bool:
+    try:
+        return needle in apply_template(tokenizer, msgs)
+    except PromptError:
+        return False
+
+
+def template_facts(tokenizer: object) -> TemplateFacts:
+    """Probe a tokenizer's chat template (a few renders, no model)."""
+    user = [{"role": "user", "content": PROBE}]
+    shape: ContentShape = "string"
+    if not _renders(tokenizer, user, PROBE) and _renders(tokenizer, shaped(user, "parts"), PROBE):
+        shape = "parts"  # neither: stays "string", and the check of each prompt names the template
+    source = getattr(tokenizer, "chat_template", None)
+    takes = isinstance(source, str) and "categories" in _variables(source)
+    system = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": PROBE}]
+    system_ok = _renders(tokenizer, shaped(system, shape), _SYSTEM_PROBE)
+    policy = None
+    try:
+        match = _POLICY.search(apply_template(tokenizer, shaped(user, shape)))
+    except PromptError:
+        match = None
+    if match:
+        rows = [_CATEGORY.match(line) for line in match.group(1).splitlines() if line.strip()]
+        policy = tuple((m.group(1), m.group(2)) for m in rows if m)
+    return TemplateFacts(shape, takes, system_ok, policy)
+
+
+def _variables(source: str) -> set[str]:
+    """The undeclared variables a Jinja template reads (empty when it does not parse)."""
+    from jinja2 import Environment, meta
+
+    try:
+        return meta.find_undeclared_variables(Environment().parse(source))
+    except TemplateError:
+        return set()
+
+
+def policy_of(taxonomy: Taxonomy, excluded: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
+    """(code, name) of the categories a prompt shows, names as the taxonomy spells them."""
+    return tuple((c.code, c.name) for c in taxonomy.categories if c.code not in excluded)
+
+
+@dataclass
+class ModelPrompt:
+    """How one model reads a sample: its prompt format and taxonomy through its chat template."""
+
+    model: str
+    tokenizer: object
+    fmt: PromptFormat
+    taxonomy: Taxonomy
+    answer_prefix: str = ""
+    excluded: tuple[str, ...] = ()  # codes left out of the policy the prompt shows
+    facts: TemplateFacts = field(init=False)
+    variables: dict = field(init=False)  # template variables (the policy, where the template takes it)
+
+    def __post_init__(self) -> None:
+        self.facts = template_facts(self.tokenizer)
+        self.variables = {}
+        if self.fmt.user is not None:  # instruct or a template file: the policy is in our own text
+            return
+        if self.facts.takes_categories:
+            cats = {c.code: c.name for c in self.taxonomy.categories}
+            self.variables = {"categories": cats, "excluded_category_keys": list(self.excluded)}
+        elif self.facts.policy is not None:
+            want = policy_of(self.taxonomy, self.excluded)
+            have = tuple((code, name.strip()) for code, name in self.facts.policy)
+            if tuple((code, name.strip()) for code, name in want) != have:
+                raise PromptError(
+                    f"model {self.model!r}: its chat template hard-codes a policy of {len(have)} categories "
+                    f"({_brief(have)}), not the run's taxonomy {self.taxonomy.name!r} ({_brief(want)}): "
+                    "use the taxonomy that matches it (tokmarg validate lists them) or a prompt template file"
+                )
+
+    @property
+    def template_name(self) -> str:
+        return f"{self.fmt.name} prompt through {self.model}'s chat template"
+
+    def messages(self, sample: Sample) -> list[dict[str, str]]:
+        """The messages before the chat template (system text folded where it refuses a system role)."""
+        msgs = messages(self.fmt, sample, self.taxonomy)
+        if msgs and msgs[0]["role"] == "system" and not self.facts.system_ok:
+            rest = msgs[1:]
+            if rest and rest[0]["role"] == "user":
+                rest[0] = {"role": "user", "content": msgs[0]["content"] + "\n\n" + rest[0]["content"]}
+                msgs = rest
+        return msgs
+
+    def text(self, sample: Sample) -> str:
+        """The exact text the model reads, answer prefix included; refuses a prompt that lacks a
+        message's text (a template reading another content shape, say)."""
+        msgs = self.messages(sample)
+        try:
+            text = apply_template(self.tokenizer, shaped(msgs, self.facts.shape), self.variables)
+        except PromptError as e:
+            raise PromptError(f"sample {sample.id} (line {sample.line}): {e}") from None
+        for i, m in enumerate(msgs):
+            if m["content"].strip() not in text:
+                raise PromptError(
+                    f"model {self.model!r}: the {self.template_name} lost the text of message {i + 1} "
+                    f"({m['role']}) of sample {sample.id} (line {sample.line}); nothing was scored"
+                )
+        return text + self.answer_prefix
+
+    def ids(self, sample: Sample) -> tuple[int, ...]:
+        return prompt_ids(self.tokenizer, self.text(sample))
+
+    def check(self, samples: Iterable[Sample]) -> None:
+        """Render one sample of each conversation shape (its sequence of roles): a template that
+        cannot render one is refused here, at load time, naming the first such sample."""
+        seen: set[tuple[str, ...]] = set()
+        for s in samples:
+            roles = tuple(t.role for t in s.conversation)
+            if roles not in seen:
+                seen.add(roles)
+                self.text(s)
+
+
+def role_patterns(samples: Iterable[Sample]) -> tuple[Sample, ...]:
+    """The first sample of each sequence of roles (what :meth:`ModelPrompt.check` renders)."""
+    firsts: dict[tuple[str, ...], Sample] = {}
+    for s in samples:
+        firsts.setdefault(tuple(t.role for t in s.conversation), s)
+    return tuple(firsts.values())
+
+
+def probe_samples() -> tuple[Sample, ...]:
+    """Two one-message samples that differ from their first character (for the shared prefix)."""
+    return tuple(Sample(f"probe-{c}", (Turn("user", c),), (), 0) for c in ("x", "q"))
+
+
+def _brief(policy: Sequence[tuple[str, str]]) -> str:
+    if not policy:
+        return "none"
+    first = f"{policy[0][0]} {policy[0][1]!r}"
+    return first if len(policy) == 1 else f"{first} ... {policy[-1][0]} {policy[-1][1]!r}"
+
+
+def listing(
+    models: Sequence[tuple[str, object, PromptFormat, Taxonomy, str, tuple[str, ...]]],
+    samples: Sequence[Sample],
+    with_ids: bool = False,
+) -> Iterator[str]:
+    """``tokmarg prompts``: per model and sample a line ``== MODEL SAMPLE_ID (N tokens)``, then the
+    exact text the model reads (answer prefix included), and with ``with_ids`` its token ids.
+    ``models``: (name, tokenizer, format, taxonomy, answer prefix, excluded codes) each."""
+    for name, tok, fmt, taxonomy, prefix, excluded in models:
+        mp = ModelPrompt(name, tok, fmt, taxonomy, prefix, excluded)
+        mp.check(samples)
+        for s in samples:
+            text = mp.text(s)
+            ids = prompt_ids(tok, text)
+            yield f"== {name} {s.id} ({len(ids)} tokens)"
+            yield text
+            if with_ids:
+                yield "ids: " + " ".join(map(str, ids))
