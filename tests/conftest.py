@@ -210,3 +210,54 @@ def llama3_model_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_
     from tokmarg.synthetic import build_random_llama
 
     return build_random_llama(tmp_path_factory.mktemp("llama3-tiny"), "tiny", tokenizer_dir=llama3_tokenizer_dir)
+
+
+META_TEMPLATES = Path(__file__).parent / "fixtures" / "meta_templates"
+
+
+@pytest.fixture(scope="session")
+def llama4_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Meta's Llama 4 tokenizer (202,048 ids), converted from the llama-models package."""
+    from tokmarg.synthetic import llama4_tokenizer_dir as convert
+
+    return convert(tmp_path_factory.mktemp("cache4"))
+
+
+@pytest.fixture(scope="session")
+def llama4_tokenizer(llama4_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama4_tokenizer_dir)
+
+
+def build_multimodal_guard(path: Path, kind: str, tokenizer_dir: Path, template: str) -> Path:
+    """A tiny random multimodal guard (tokmarg.synthetic.random_multimodal) saved with Meta's
+    tokenizer and a chat template from tests/fixtures/meta_templates."""
+    from transformers import AutoTokenizer
+
+    from tokmarg.synthetic import random_multimodal
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = (META_TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
+    model = random_multimodal(kind, tok)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_guard_4_dir(tmp_path_factory: pytest.TempPathFactory, llama4_tokenizer_dir: Path) -> Path:
+    """A tiny Llama4ForConditionalGeneration (Llama Guard 4's class) with the Llama 4 tokenizer and
+    the reconstructed Llama Guard 4 template."""
+    return build_multimodal_guard(
+        tmp_path_factory.mktemp("lg4"), "llama4", llama4_tokenizer_dir, "llama_guard_4_12b.reconstructed"
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_guard_3_vision_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_dir: Path) -> Path:
+    """A tiny MllamaForConditionalGeneration (Llama Guard 3 11B-Vision's class) with the Llama 3
+    tokenizer and Meta's Llama Guard 3 11B-Vision template."""
+    return build_multimodal_guard(
+        tmp_path_factory.mktemp("lg3v"), "mllama", llama3_tokenizer_dir, "llama_guard_3_11b_vision"
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import short_format
-from toy import INFO, TOKENS, ToyLM, assert_same, ids
+from toy import INFO, TOKENS, ToyLM, assert_same, ids, logtoku_tolerance
 
 from tokmarg.data import Sample, Turn
 from tokmarg.engine.scheduler import MemoBackend, run_batch
@@ -178,32 +178,11 @@ def test_sliding_window_model_within_its_window(tiny_model_dir: Path, tmp_path: 
     assert window < len(queries) * longest  # the packed cache outgrows the window
     ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, "exact", EngineOptions("reference"))
     fast, _ = score(lm, info, tokens, queries, list(REGISTRY), params, "exact", fast_opts)
-    u_tol = [_logtoku_tolerance(lm, info, tokens, q) for q in queries]
+    u_tol = [logtoku_tolerance(lm, info, tokens, q) for q in queries]
     for name in REGISTRY:
         for a, b, ut in zip(fast[name], ref[name], u_tol):
             assert_same(a, b, tol=1e-5, u_tol=ut if name == "LogTokU" else None)
 
-
-def _logtoku_tolerance(lm, info, tokens, q: Query, rel: float = 1e-5) -> float:
-    """What the arithmetic guarantees for LogTokU's u between two engines: evidence that agrees to
-    ``rel`` of its scale moves u by up to sum_j |du/da_j| x that. u = EU / AU is ill-conditioned
-    where a_0 = a_1 + a_2 is near 0 (AU -> 0): with this model's logits (tens, mixed signs) a 1e-6
-    change of a logit moved u by 3.5e-5 relative on one machine, 5e-6 on another."""
-    import numpy as np
-
-    from tokmarg.probability import logtoku_uncertainty
-    from tokmarg.strategies.programs import forced_evidence_exact, row_spec
-    from tokmarg.strategies.reference import drive
-
-    program = forced_evidence_exact(tokens, q.codes)
-    ev = np.sort(np.array(drive(program, lm.forward, q.prompt_ids, row_spec(info, tokens))))
-    a = ev[-2:]  # the top-2 evidence LogTokU reads
-    delta = rel * max(1.0, float(np.abs(a).max()))
-    grad = [
-        (logtoku_uncertainty(a + h) - logtoku_uncertainty(a - h)) / (2 * delta)
-        for h in (np.array([delta, 0.0]), np.array([0.0, delta]))
-    ]
-    return float(sum(abs(g) for g in grad) * delta) + 1e-9
 
 
 @pytest.mark.parametrize("semantics", ["exact", "paper"])

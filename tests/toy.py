@@ -171,3 +171,25 @@ def assert_same(a: SampleOutput, b: SampleOutput, tol: float = 0.0, u_tol: float
         scale = max(1.0, abs(y)) if f == "uncertainty" and y is not None else 1.0
         bound = u_tol if f == "uncertainty" and u_tol is not None else max(tol, 1e-12) * scale
         assert (x is None) == (y is None) and (x is None or abs(x - y) <= bound), (f, x, y, bound)
+
+
+def logtoku_tolerance(lm, info, tokens, q, rel: float = 1e-5, semantics: str = "exact") -> float:  # noqa: ANN001
+    """What the arithmetic guarantees for LogTokU's u between two engines: evidence that agrees to
+    ``rel`` of its scale moves u by up to sum_j |du/da_j| x that. u = EU / AU is ill-conditioned
+    where a_0 = a_1 + a_2 is near 0 (AU -> 0): with this model's logits (tens, mixed signs) a 1e-6
+    change of a logit moved u by 3.5e-5 relative on one machine, 5e-6 on another."""
+    import numpy as np
+
+    from tokmarg.probability import logtoku_uncertainty
+    from tokmarg.strategies.programs import forced_evidence_exact, forced_evidence_paper, row_spec
+    from tokmarg.strategies.reference import drive
+
+    program = (forced_evidence_paper if semantics == "paper" else forced_evidence_exact)(tokens, q.codes)
+    ev = np.sort(np.array(drive(program, lm.forward, q.prompt_ids, row_spec(info, tokens))))
+    a = ev[-2:]  # the top-2 evidence LogTokU reads
+    delta = rel * max(1.0, float(np.abs(a).max()))
+    grad = [
+        (logtoku_uncertainty(a + h) - logtoku_uncertainty(a - h)) / (2 * delta)
+        for h in (np.array([delta, 0.0]), np.array([0.0, delta]))
+    ]
+    return float(sum(abs(g) for g in grad) * delta) + 1e-9

@@ -206,6 +206,67 @@ def build_random_llama(
     return out
 
 
+def random_multimodal(  # noqa: ANN201 - a transformers model
+    kind: str, tokenizer: object, shape: str = "tiny", logit_std: float = DEFAULT_LOGIT_STD, seed: int = 0
+):
+    """A guard-shaped multimodal model with random float32 weights: ``llama4`` is Llama Guard 4's class
+    (``Llama4ForConditionalGeneration``: a dense Llama 4 text model with QK norm, every 4th layer
+    without RoPE and with attention temperature tuning, chunked attention on the others) and
+    ``mllama`` Llama Guard 3 11B-Vision's (``MllamaForConditionalGeneration``: cross-attention
+    layers that a text-only prompt skips). A small vision tower rides along (unused by text)."""
+    import torch
+    import transformers as tf
+
+    if shape not in SHAPES:
+        raise SyntheticError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    dims = {k: v for k, v in SHAPES[shape].items() if k not in ("rope_theta",)}
+    ids = {
+        "vocab_size": len(tokenizer),  # type: ignore[arg-type]
+        "bos_token_id": tokenizer.bos_token_id,  # type: ignore[attr-defined]
+        "eos_token_id": tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        "pad_token_id": tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        "max_position_embeddings": 8192,
+    }
+    if kind == "llama4":
+        dims["num_hidden_layers"] = max(4, dims["num_hidden_layers"])  # at least one layer without RoPE
+    layers = dims["num_hidden_layers"]
+    if kind == "llama4":
+        head_dim = dims["hidden_size"] // dims["num_attention_heads"]
+        text = tf.Llama4TextConfig(
+            **ids,
+            **dims,
+            head_dim=head_dim,
+            intermediate_size_mlp=dims["intermediate_size"],
+            moe_layers=[],  # dense, as Llama Guard 4
+            no_rope_layers=[int((i + 1) % 4 != 0) for i in range(layers)],  # 1: RoPE; every 4th without
+            attention_chunk_size=8192,
+            # tiny: a small floor scale, so that the temperature of the layers without RoPE varies
+            # within a test's short prompts (Llama 4's 8,192 leaves it 1 below 8,191 tokens)
+            floor_scale=4 if shape == "tiny" else 8192,
+        )
+        vision = tf.Llama4VisionConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56,
+            patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+        )  # fmt: skip
+        cls, cfg = tf.Llama4ForConditionalGeneration, tf.Llama4Config(text_config=text, vision_config=vision)
+    elif kind == "mllama":
+        text = tf.MllamaTextConfig(**ids, **dims, cross_attention_layers=list(range(1, layers, 4)))
+        vision = tf.MllamaVisionConfig(
+            hidden_size=32, num_hidden_layers=2, num_global_layers=1, num_attention_heads=2, intermediate_size=64,
+            image_size=56, patch_size=14, vision_output_dim=64, intermediate_layers_indices=[0],
+        )  # fmt: skip
+        cls, cfg = tf.MllamaForConditionalGeneration, tf.MllamaConfig(text_config=text, vision_config=vision)
+    else:
+        raise SyntheticError(f"unknown multimodal kind {kind!r}; known: llama4, mllama")
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.normal_(0.0, INIT_STD).mul_(logit_std / (INIT_STD * dims["hidden_size"] ** 0.5))
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tokmarg.synthetic", description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="model directory to write")

@@ -56,6 +56,7 @@ class Plan:
     n_max: int
     length: int
     mask: torch.Tensor
+    positions: torch.Tensor | None = None  # (q,) position ids, where the layer needs them itself
 
 
 class TreeKV:
@@ -79,11 +80,12 @@ class TreeKV:
         self.mode, self.batch, self.capacity = "prefix", 0, 0
         self._plans.clear()
 
-    def set_plan(self, sample, slot, sees_upto, anc, capacity: int) -> None:  # noqa: ANN001 - numpy arrays
-        """The next forward's tokens: per token its sample, own slot, the own slots below which it
-        sees everything (its prompt), and its tree ancestors' slots with itself ((q, D), -1 pad)."""
+    def set_plan(self, sample, slot, sees_upto, anc, capacity: int, positions=None) -> None:  # noqa: ANN001
+        """The next forward's tokens (numpy arrays): per token its sample, own slot, the own slots
+        below which it sees everything (its prompt), its tree ancestors' slots with itself ((q, D),
+        -1 pad), and its position id."""
         self.capacity = max(self.capacity, capacity)
-        self._host = {"sample": sample, "slot": slot, "sees_upto": sees_upto, "anc": anc}
+        self._host = {"sample": sample, "slot": slot, "sees_upto": sees_upto, "anc": anc, "positions": positions}
         self._plans.clear()
 
     def plan(self, device: torch.device, dtype: torch.dtype) -> Plan:
@@ -129,7 +131,28 @@ def _build_plan(host: dict, batch: int, device: torch.device, dtype: torch.dtype
     allowed[tok_b, tok_r] = vis[:, :length]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     all_rows = len(rows) == batch
-    return Plan(sample, slot, rows, all_rows, tok_b, tok_r, n_max, length, mask[:, None])
+    positions = None if host.get("positions") is None else t(host["positions"])
+    return Plan(sample, slot, rows, all_rows, tok_b, tok_r, n_max, length, mask[:, None], positions)
+
+
+def _temperature(module: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """Llama 4's attention temperature of its layers without RoPE, per position (q,) float32."""
+    pos = positions.float()
+    return torch.log1p(torch.floor((pos + 1.0) / module.floor_scale)) * module.attn_scale + 1.0  # type: ignore[operator]
+
+
+def retemper(module: torch.nn.Module, query: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Llama 4 scales the queries of its layers without RoPE by a temperature of the position, which
+    it takes to be 0, 1, ... of the forward's tokens (plus the cache's length; there is none here).
+    A tree forward's tokens sit elsewhere: swap that scale for the one of their own position ids."""
+    if not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", True):
+        return query
+    if plan.positions is None:
+        raise TreeAttentionError("the model's attention scales queries by position; the tree plan has no positions")
+    q = query.shape[2]
+    assumed = _temperature(module, torch.arange(q, device=query.device))
+    ratio = (_temperature(module, plan.positions) / assumed).view(1, 1, q, 1)  # (1, 1, q, 1)
+    return (query.float() * ratio).to(query.dtype)
 
 
 def attend(
@@ -197,6 +220,7 @@ def tree_attention(
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     plan = kv.plan(query.device, query.dtype)
+    query = retemper(module, query, plan)
     own_k, own_v = kv.own_kv(layer, key)
     own_k[plan.sample, :, plan.slot] = key[0].transpose(0, 1)  # (q, Hkv, d)
     own_v[plan.sample, :, plan.slot] = value[0].transpose(0, 1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from tokmarg.engine import EngineError
 from tokmarg.engine.scheduler import run_batch
-from tokmarg.engine.tree import TreeBackend, common_prefix_len, sliding_window
+from tokmarg.engine.tree import TreeBackend, common_prefix_len, local_window
 from tokmarg.models import LoadedModel
 from tokmarg.settings import EngineOptions
 from tokmarg.strategies import REGISTRY, Context, ModelTokens, Query, SampleOutput, StrategyParams, TokenInfo
@@ -33,10 +33,10 @@ class ScoreStats:
 def check_window(
     lm: LoadedModel, tokens: ModelTokens, queries: Sequence[Query], params: dict[str, StrategyParams]
 ) -> None:
-    """A sliding-window model runs on the fast engine only while every sequence fits its window:
+    """A sliding-window (or chunked) model runs on the fast engine only while every sequence fits its window:
     within the window its local layers see what full attention sees, so the packed cache (which
     outgrows any window) gives the model's own logits. Past it they would not: refuse."""
-    window = sliding_window(lm.model)
+    kind, window = local_window(lm.model)
     if not window or not queries:
         return
     # an upper bound on what any strategy appends: generated tokens, or a forced prefix, a code's
@@ -50,7 +50,7 @@ def check_window(
     q = max(queries, key=lambda q: len(q.prompt_ids))
     if len(q.prompt_ids) + new > window:
         raise EngineError(
-            f"model {lm.name!r} uses sliding-window attention (window {window}) and sample {q.sample_id} needs "
+            f"model {lm.name!r} uses {kind} attention (window {window}) and sample {q.sample_id} needs "
             f"{len(q.prompt_ids)} prompt + {new} new tokens; the fast engine is exact only within the window: "
             "use --engine reference (or a shorter prompt)"
         )

@@ -25,17 +25,48 @@ from tokmarg.engine.scheduler import Node, merged_needs
 from tokmarg.nodestats import Need, NodeStats, RowSpec, reduce_rows
 
 
-def sliding_window(model: torch.nn.Module) -> int | None:
-    """The attention window of a sliding-window model (Mistral v0.1, Gemma 2/3, ...), else None.
-
-    The tree attention attends over whole sequences, so the fast engine runs such a model only
-    while every sequence fits the window (see ``check_window``)."""
+def text_config(model: torch.nn.Module) -> object:
+    """The config of the text model (a multimodal model's ``text_config``, else its own)."""
     cfg = model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of a sliding-window model (Mistral v0.1, Gemma 2/3, ...), else None."""
+    return local_window(model)[1] if local_window(model)[0] == "sliding-window" else None
+
+
+def local_window(model: torch.nn.Module) -> tuple[str, int | None]:
+    """("sliding-window", W) or ("chunked", C) where some layers attend only locally (Mistral v0.1,
+    Gemma 2/3; Llama 4's chunks of 8,192), else ("", None).
+
+    Within W (or C) tokens such a layer sees what full attention sees. The tree attention attends
+    over whole sequences, so the fast engine runs such a model only while every sequence fits
+    (see ``check_window``)."""
+    cfg = text_config(model)
+    types = [str(t) for t in getattr(cfg, "layer_types", None) or ()]
     window = getattr(cfg, "sliding_window", None)
-    types = getattr(cfg, "layer_types", None)
-    if window and (types is None or any("sliding" in str(t) for t in types)):
-        return int(window)
-    return None
+    if window and (not types or any("sliding" in t for t in types)):
+        return "sliding-window", int(window)
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if chunk and any("chunked" in t for t in types):
+        return "chunked", int(chunk)
+    return "", None
+
+
+def decoder_of(model: torch.nn.Module, name: str = "model") -> torch.nn.Module:
+    """The module that returns the final hidden states (``last_hidden_state``). ``get_decoder()``
+    misses it where the class's prefix names another attribute (Llama4ForCausalLM: prefix
+    ``language_model``, module ``model``) and returns the whole causal LM."""
+    dec = model.get_decoder()
+    if dec is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        dec = model.model
+    if dec is model:
+        raise EngineError(
+            f"model {name!r} ({type(model).__name__}): no decoder module found for the fast engine: "
+            "use --engine reference"
+        )
+    return dec
 
 
 def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
@@ -147,7 +178,7 @@ class TreeBackend:
         if not prepared:
             prepare(model, name)
         self.model, self.device, self.max_forward = model, device, max(1, max_forward_tokens)
-        self.decoder = model.get_decoder()
+        self.decoder = decoder_of(model, name)
         self.head = Fp32Head.of(model)
         self.kv = TreeKV()
         self.prefix = tuple(prefix)
@@ -332,7 +363,7 @@ class TreeBackend:
             sample, slot, sees, anc = plan
             if anc is None:
                 anc = np.full((len(tokens), 1), -1, dtype=np.int64)
-            self.kv.set_plan(sample, slot, sees, anc, self.kv.capacity)
+            self.kv.set_plan(sample, slot, sees, anc, self.kv.capacity, positions)
         t0 = time.perf_counter()
         out = self.decoder(
             input_ids=torch.as_tensor(tokens, device=dev)[None],  # (1, q)

@@ -1,0 +1,96 @@
+"""Tier b: Meta's newer guards' classes on the fast engine, text path. A tiny random
+``Llama4ForConditionalGeneration`` (Llama Guard 4: QK norm, layers without RoPE whose queries get a
+position-dependent temperature, chunked attention) with the Llama 4 tokenizer, and a tiny
+``MllamaForConditionalGeneration`` (Llama Guard 3 11B-Vision: cross-attention layers a text prompt
+skips) with the Llama 3 tokenizer, each with its guard template: every strategy, both semantics,
+the fast engine equal to full forwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import PROMPTS
+from toy import assert_same, logtoku_tolerance
+from typer.testing import CliRunner
+
+from tokmarg.chat import ModelPrompt
+from tokmarg.cli import app
+from tokmarg.data import Sample, Turn
+from tokmarg.engine.score import EngineOptions, score
+from tokmarg.engine.tree import decoder_of, local_window
+from tokmarg.models import load_model, model_view
+from tokmarg.prompts import load_format
+from tokmarg.strategies import REGISTRY, Query, StrategyParams
+from tokmarg.taxonomy import BUILTIN
+
+CASES = {
+    "llama4": ("llama_guard_4_dir", "llama_guard_4_12b"),
+    "mllama": ("llama_guard_3_vision_dir", "llama_guard_3_11b_vision"),
+}
+
+
+def _load(request: pytest.FixtureRequest, kind: str):
+    fixture, tax = CASES[kind]
+    lm = load_model(str(request.getfixturevalue(fixture)), "cpu", "fp32")
+    return lm, BUILTIN[tax]
+
+
+@pytest.mark.parametrize("semantics", ["exact", "paper"])
+@pytest.mark.parametrize("kind", ["llama4", "mllama"])
+def test_fast_matches_reference(request: pytest.FixtureRequest, kind: str, semantics: str) -> None:
+    lm, tax = _load(request, kind)
+    assert type(lm.model).__name__ == {"llama4": "Llama4ForCausalLM", "mllama": "MllamaForCausalLM"}[kind]
+    assert decoder_of(lm.model) is lm.model.model  # get_decoder() returns the whole model for both
+    info, tokens = model_view(lm, tax.codes)
+    prompt = ModelPrompt(kind, lm.tokenizer, load_format("guard"), tax, "\n\n")
+    samples = [Sample(str(i), (Turn("user", t),), (), i + 1) for i, t in enumerate(PROMPTS)]
+    queries = [Query(s.id, prompt.ids(s), tax.labels, True) for s in samples]
+    assert len({q.prompt_ids for q in queries}) == len(queries)
+    sp = StrategyParams(top_p=0.9, max_new_tokens=4, eps=0.02)
+    params = dict.fromkeys(REGISTRY, sp)
+    ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("reference"))
+    fast, stats = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("fast", 3, 4096))
+    assert stats.nodes > len(queries)  # trees were walked, not only greedy paths
+    u_tol = [logtoku_tolerance(lm, info, tokens, q, semantics=semantics) for q in queries]
+    for name in REGISTRY:
+        for a, b, ut in zip(fast[name], ref[name], u_tol):
+            assert_same(a, b, tol=1e-5, u_tol=ut if name == "LogTokU" else None)
+    assert len({o.uncertainty for o in fast["LogTokU"]}) == len(queries)  # distinct prompts, distinct scores
+
+
+def test_llama4_temperature_and_chunks(request: pytest.FixtureRequest) -> None:
+    """The tiny Llama 4's temperature varies within a short prompt (floor scale 4), so a tree forward
+    that kept the model's own assumption (positions 0, 1, ... of the forward) would differ: the probe
+    in `prepare` is what caught it. Its chunked layers make prompts past 8,192 tokens a refusal."""
+    lm, _ = _load(request, "llama4")
+    cfg = lm.model.config
+    assert cfg.floor_scale == 4 and not all(cfg.no_rope_layers)
+    assert local_window(lm.model) == ("chunked", 8192)
+
+
+def test_eval_on_llama_guard_4(llama_guard_4_dir: Path, tmp_path: Path) -> None:
+    """`tokmarg eval` on the default (fast) engine completes on Llama Guard 4's class; each sample's
+    own text reaches the model (its prompt tokens and scores differ from the others')."""
+    rows = [{"id": f"r{i}", "prompt": t, "labels": ["S1"] if i % 2 else []} for i, t in enumerate(PROMPTS)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    params = tmp_path / "p.yaml"
+    params.write_text(
+        "taxonomy: llama_guard_4_12b\nprompt: guard\n"
+        "strategies:\n  token_probability: {max_new_tokens: 4}\n  marginal_probability_at_any_place: "
+        "{max_new_tokens: 3, eps: 0.05, top_p: 0.9}\n  LogTokU: {}\n"
+        f'models:\n  {llama_guard_4_dir}:\n    answer_prefix: "\\n\\n"\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    args = ["eval", "--models", str(llama_guard_4_dir), "--dataset", str(data), "--params", str(params)]
+    res = CliRunner().invoke(app, [*args, "--out", str(out), "--no-ray", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"] == "fast" and manifest["n_samples"] == len(rows)
+    pred = pd.concat(pd.read_parquet(p) for p in (out / "predictions").glob("*.parquet"))
+    forced = pred[pred.strategy == "LogTokU"]
+    assert len({str(s) for s in forced.scores}) == len(rows)
