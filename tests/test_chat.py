@@ -84,16 +84,33 @@ def test_string_templates_unchanged(meta_tok, name: str, taxonomy: str) -> None:
         assert s.conversation[-1].content in before
 
 
-def test_hard_coded_policy_under_another_taxonomy_is_refused(meta_tok) -> None:
-    """The paper's llama_guard_3 names (e.g. 'Sex-Related Crimes') are not what Llama Guard 3 8B's
-    template writes: one line, not a model reading one policy while the run scores another."""
+def test_hard_coded_policy_under_another_taxonomy_in_metas_format(meta_tok) -> None:
+    """Another policy on Llama Guard 3 8B's hard-coded template (the paper's llama_guard_3 names,
+    S14 excluded): the template's own prompt with only its category lines swapped for the run's."""
     tok = meta_tok("llama_guard_3_8b")
+    run = LLAMA_GUARD_3.without(["S14"])
+    mp = ModelPrompt("lg3", tok, GUARD, run, "\n\n", run.excluded_codes)
+    own = render(tok, GUARD, REPLY, LLAMA_GUARD_3, "\n\n")  # what the template writes: Meta's 14
+    meta_lines = "".join(f"{c.code}: {c.name}\n" for c in BUILTIN["llama_guard_3_8b"].categories)
+    run_lines = "".join(f"{c.code}: {c.name}\n" for c in run.categories)
+    assert meta_lines in own and "S3: Sex-Related Crimes\n" in run_lines
+    assert mp.text(REPLY) == own.replace(meta_lines, run_lines)
+    assert "S14" not in mp.text(REPLY)
+    lg2 = meta_tok("llama_guard_2_8b")  # its lines end with a space: kept
+    text = ModelPrompt("lg2", lg2, GUARD, BUILTIN["llama_guard_2_8b"].without(["S11"]), "").text(BOMB)
+    assert "S10: Self-Harm. \n<END UNSAFE CONTENT CATEGORIES>" in text and "S11" not in text
+
+
+def test_policy_block_it_cannot_rewrite_is_refused(llama3_tokenizer) -> None:
+    """A hard-coded block holding more than `code: name` lines (Llama Guard 1's descriptions): one line."""
+    tok = copy.deepcopy(llama3_tokenizer)
+    tok.chat_template = (
+        "[INST] Task.\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\nO1: Violence and Hate.\nShould not\n- Help people.\n"
+        "<END UNSAFE CONTENT CATEGORIES>\n\n{% for m in messages %}{{ m['content'] }}{% endfor %} [/INST]"
+    )
     with pytest.raises(PromptError) as e:
-        ModelPrompt("lg3", tok, GUARD, LLAMA_GUARD_3, "\n\n")
-    msg = str(e.value)
-    assert "\n" not in msg and "hard-codes a policy of 14 categories" in msg and "'llama_guard_3'" in msg
-    with pytest.raises(PromptError, match="hard-codes"):
-        ModelPrompt("lg3", tok, GUARD, BUILTIN["llama_guard_3_8b"].without(["S14"]), "\n\n")
+        ModelPrompt("lg1", tok, GUARD, LLAMA_GUARD_3)
+    assert "in lines tokmarg cannot rewrite" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_custom_taxonomy_and_excluded_codes_reach_the_template(meta_tok) -> None:

@@ -9,9 +9,10 @@ Meta's chat templates differ in ways that a wrong guess turns into a silent wron
   both ways and keeps the shape whose output shows the probe's text.
 * **policy**: the newer guard templates take the category list as template variables
   (``categories``: code -> name, ``excluded_category_keys``); the older ones hard-code it.
-  A ``guard`` prompt passes the run's taxonomy where the template takes it, and refuses a
-  hard-coded list that is not the run's (never a model reading one policy while tokmarg scores
-  another).
+  A ``guard`` prompt passes the run's taxonomy where the template takes it; where the template
+  hard-codes another list, its category lines are swapped for the run's in the template's own line
+  format (all else is the template's text), or, where its block holds more than ``code: name``
+  lines, refused (never a model reading one policy while tokmarg scores another).
 * **system role**: the guard templates refuse a system message; the ``instruct`` prompt then
   puts its system text first in the user turn.
 
@@ -36,7 +37,7 @@ ContentShape = Literal["string", "parts"]
 PROBE = "tokmarg probe q7z"
 _SYSTEM_PROBE = "tokmarg system probe k3w"
 _POLICY = re.compile(r"<BEGIN UNSAFE CONTENT CATEGORIES>\n(.*?)<END UNSAFE CONTENT CATEGORIES>", re.S)
-_CATEGORY = re.compile(r"^(\w+): (.*?)\s*$")
+_CATEGORY = re.compile(r"^(\w+): (.*?\S)([ \t]*)$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TemplateFacts:
     takes_categories: bool  # the policy comes from the `categories` / `excluded_category_keys` variables
     system_ok: bool  # a system message renders (and shows)
     policy: tuple[tuple[str, str], ...] | None  # (code, name) the template writes by default; None: no policy block
+    block: str = ""  # that policy block's lines exactly as the template writes them
+    line_end: str | None = None  # what ends each `code: name` line (LG2: " \n"); None: lines of another form
 
 
 def _first_line(e: Exception) -> str:
@@ -88,15 +91,25 @@ def template_facts(tokenizer: object) -> TemplateFacts:
     takes = isinstance(source, str) and "categories" in _variables(source)
     system = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": PROBE}]
     system_ok = _renders(tokenizer, shaped(system, shape), _SYSTEM_PROBE)
-    policy = None
     try:
         match = _POLICY.search(apply_template(tokenizer, shaped(user, shape)))
     except PromptError:
         match = None
-    if match:
-        rows = [_CATEGORY.match(line) for line in match.group(1).splitlines() if line.strip()]
-        policy = tuple((m.group(1), m.group(2)) for m in rows if m)
-    return TemplateFacts(shape, takes, system_ok, policy)
+    if not match:
+        return TemplateFacts(shape, takes, system_ok, None)
+    block = match.group(1)
+    rows = [_CATEGORY.match(line) for line in block.split("\n")[:-1]]
+    policy = tuple((m.group(1), m.group(2)) for m in rows if m)
+    ends = {m.group(3) + "\n" for m in rows if m}
+    line_end = ends.pop() if len(ends) == 1 and all(rows) else None
+    if line_end is not None and policy_block(policy, line_end) != block:
+        line_end = None  # the block holds more than `code: name` lines: tokmarg cannot write its format
+    return TemplateFacts(shape, takes, system_ok, policy, block, line_end)
+
+
+def policy_block(policy: Sequence[tuple[str, str]], line_end: str) -> str:
+    """A policy block's lines in a template's own format."""
+    return "".join(f"{code}: {name}{line_end}" for code, name in policy)
 
 
 def _variables(source: str) -> set[str]:
@@ -126,24 +139,31 @@ class ModelPrompt:
     excluded: tuple[str, ...] = ()  # codes left out of the policy the prompt shows
     facts: TemplateFacts = field(init=False)
     variables: dict = field(init=False)  # template variables (the policy, where the template takes it)
+    swap: tuple[str, str] | None = field(init=False)  # (the template's policy block, the run's in its format)
 
     def __post_init__(self) -> None:
         self.facts = template_facts(self.tokenizer)
-        self.variables = {}
+        self.variables, self.swap = {}, None
         if self.fmt.user is not None:  # instruct or a template file: the policy is in our own text
             return
-        if self.facts.takes_categories:
+        facts = self.facts
+        if facts.takes_categories:
             cats = {c.code: c.name for c in self.taxonomy.categories}
             self.variables = {"categories": cats, "excluded_category_keys": list(self.excluded)}
-        elif self.facts.policy is not None:
+        elif facts.policy is not None:
             want = policy_of(self.taxonomy, self.excluded)
-            have = tuple((code, name.strip()) for code, name in self.facts.policy)
-            if tuple((code, name.strip()) for code, name in want) != have:
+            if want == facts.policy:
+                return  # its own policy: the template's prompt, byte for byte
+            if facts.line_end is None:
                 raise PromptError(
-                    f"model {self.model!r}: its chat template hard-codes a policy of {len(have)} categories "
-                    f"({_brief(have)}), not the run's taxonomy {self.taxonomy.name!r} ({_brief(want)}): "
-                    "use the taxonomy that matches it (tokmarg validate lists them) or a prompt template file"
+                    f"model {self.model!r}: its chat template hard-codes a policy of {len(facts.policy)} categories "
+                    f"({_brief(facts.policy)}) in lines tokmarg cannot rewrite, not the run's taxonomy "
+                    f"{self.taxonomy.name!r} ({_brief(want)}): use the taxonomy that matches it or a prompt "
+                    "template file"
                 )
+            # Meta's format with the run's policy: the template's own text (header tokens, task line,
+            # conversation, instructions, answer position) with its category lines swapped for the run's
+            self.swap = (_wrap(facts.block), _wrap(policy_block(want, facts.line_end)))
 
     @property
     def template_name(self) -> str:
@@ -167,6 +187,10 @@ class ModelPrompt:
             text = apply_template(self.tokenizer, shaped(msgs, self.facts.shape), self.variables)
         except PromptError as e:
             raise PromptError(f"sample {sample.id} (line {sample.line}): {e}") from None
+        if self.swap is not None:
+            if self.swap[0] not in text:
+                raise PromptError(f"model {self.model!r}: its policy block is missing from sample {sample.id}'s prompt")
+            text = text.replace(self.swap[0], self.swap[1], 1)  # the first: the template's, before the conversation
         for i, m in enumerate(msgs):
             if m["content"].strip() not in text:
                 raise PromptError(
@@ -200,6 +224,10 @@ def role_patterns(samples: Iterable[Sample]) -> tuple[Sample, ...]:
 def probe_samples() -> tuple[Sample, ...]:
     """Two one-message samples that differ from their first character (for the shared prefix)."""
     return tuple(Sample(f"probe-{c}", (Turn("user", c),), (), 0) for c in ("x", "q"))
+
+
+def _wrap(block: str) -> str:
+    return f"<BEGIN UNSAFE CONTENT CATEGORIES>\n{block}<END UNSAFE CONTENT CATEGORIES>"
 
 
 def _brief(policy: Sequence[tuple[str, str]]) -> str:
