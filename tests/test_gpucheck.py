@@ -38,3 +38,21 @@ def test_gpu_check_on_cpu_with_a_tiny_config(llama3_tokenizer_dir: Path) -> None
         assert t["samples_per_s"] > 0 and t["bytes_to_host_per_node"] < 16_000
         assert sum(b["calls"] for b in t["forward_profile"]) == t["forward_calls"]
     assert res["attention"]["now"] == "tokmarg_tree" and res["multi_gpu"] is None
+
+
+def test_gpu_check_llama_guard_4_text_model(llama4_tokenizer_dir: Path) -> None:
+    """`--arch llama4`: Llama Guard 4's text model (Llama4ForCausalLM) with the Llama 4 tokenizer."""
+    cmd = [sys.executable, "-m", "tokmarg.gpucheck", "--tokenizer", str(llama4_tokenizer_dir), "--arch", "llama4"]
+    proc = subprocess.run(
+        [*cmd, "--shape", "tiny", "--batches", "2", "--samples", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
+    assert res["arch"] == "Llama4ForCausalLM" and res["attention"]["now"] == "tokmarg_tree"
+    for sem in ("exact", "paper"):
+        assert res["fp32"][sem]["within_tolerance"] and res["fp32"][sem]["codes_agree"], res["fp32"][sem]

@@ -18,8 +18,10 @@ object:
 * ``multi_gpu``: with two or more GPUs, the model spread over two of them (accelerate), fast vs
   reference.
 
-``python -m tokmarg.gpucheck --tokenizer DIR [--shape llama-3.1-8b] [--batches 8,32,64]``; the test
-suite runs it on a CPU with ``--shape tiny``.
+``python -m tokmarg.gpucheck --tokenizer DIR [--shape llama-3.1-8b] [--batches 8,32,64]
+[--arch llama|llama4|mllama]`` (``llama4``: Llama Guard 4's text model at that shape, with the Llama 4
+tokenizer's directory from :func:`tokmarg.synthetic.llama4_tokenizer_dir`); the test suite runs it
+on a CPU with ``--shape tiny``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tokmarg.engine.tree import TreeBackend, common_prefix_len, prepare
 from tokmarg.models import LoadedModel, model_view
 from tokmarg.nodestats import EXACT
 from tokmarg.strategies import REGISTRY, Context, Query, SampleOutput
-from tokmarg.synthetic import DEFAULT_LOGIT_STD, random_llama
+from tokmarg.synthetic import DEFAULT_LOGIT_STD, random_llama, random_multimodal
 from tokmarg.worker import WorkerSpec, build_queries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +169,9 @@ def _multi_gpu(model: torch.nn.Module, tok, info, tokens, cfg, samples: list[Sam
     return {"devices": devices, **_agreement(fast, ref, mc.params)}
 
 
-def run(tokenizer_dir: Path, shape: str, batches: list[int], samples: int, logit_std: float) -> dict:
+def run(
+    tokenizer_dir: Path, shape: str, batches: list[int], samples: int, logit_std: float, arch: str = "llama"
+) -> dict:
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
@@ -177,8 +181,12 @@ def run(tokenizer_dir: Path, shape: str, batches: list[int], samples: int, logit
     cfg = build_config(ROOT / "params.yaml", None, None, None, dev, "fp32")
     data = load_dataset(ROOT / "datasets" / "sample.jsonl", cfg.taxonomy).samples
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = random_llama(tok, shape, logit_std, device=dev)
+    if arch == "llama":
+        model = random_llama(tok, shape, logit_std, device=dev)
+    else:  # Llama Guard 4's or 3 11B-Vision's text model, as AutoModelForCausalLM loads it
+        model = random_multimodal(arch, tok, shape, logit_std, text_only=True, device=dev)
     result: dict = {
+        "arch": type(model).__name__,
         "device": torch.cuda.get_device_name(0) if dev != "cpu" else "cpu",
         "gpus": torch.cuda.device_count(),
         "torch": torch.__version__,
@@ -228,13 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", type=Path, required=True, help="the converted Llama 3 tokenizer directory")
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument(
+        "--arch",
+        default="llama",
+        choices=["llama", "llama4", "mllama"],
+        help="llama4: Llama Guard 4's text model (give the Llama 4 tokenizer); mllama: Llama Guard 3 11B-Vision's",
+    )
+    ap.add_argument(
         "--batches", default="8,32,64", help="batch sizes to time; the first is the baseline of batch_speedup"
     )
     ap.add_argument("--samples", type=int, default=4, help="samples for the fp32 agreement and the bf16 flips")
     ap.add_argument("--logit-std", type=float, default=DEFAULT_LOGIT_STD)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
-    res = run(args.tokenizer, args.shape, [int(b) for b in args.batches.split(",")], args.samples, args.logit_std)
+    batches = [int(b) for b in args.batches.split(",")]
+    res = run(args.tokenizer, args.shape, batches, args.samples, args.logit_std, args.arch)
     text = json.dumps(res)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")

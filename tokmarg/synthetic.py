@@ -207,13 +207,21 @@ def build_random_llama(
 
 
 def random_multimodal(  # noqa: ANN201 - a transformers model
-    kind: str, tokenizer: object, shape: str = "tiny", logit_std: float = DEFAULT_LOGIT_STD, seed: int = 0
+    kind: str,
+    tokenizer: object,
+    shape: str = "tiny",
+    logit_std: float = DEFAULT_LOGIT_STD,
+    seed: int = 0,
+    text_only: bool = False,
+    device: str = "cpu",
 ):
     """A guard-shaped multimodal model with random float32 weights: ``llama4`` is Llama Guard 4's class
     (``Llama4ForConditionalGeneration``: a dense Llama 4 text model with QK norm, every 4th layer
     without RoPE and with attention temperature tuning, chunked attention on the others) and
     ``mllama`` Llama Guard 3 11B-Vision's (``MllamaForConditionalGeneration``: cross-attention
-    layers that a text-only prompt skips). A small vision tower rides along (unused by text)."""
+    layers that a text-only prompt skips). A small vision tower rides along (unused by text).
+    ``text_only``: the causal LM that ``AutoModelForCausalLM`` loads from such a checkpoint
+    (``Llama4ForCausalLM``, ``MllamaForCausalLM``), built on ``device``."""
     import torch
     import transformers as tf
 
@@ -249,6 +257,8 @@ def random_multimodal(  # noqa: ANN201 - a transformers model
             patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
         )  # fmt: skip
         cls, cfg = tf.Llama4ForConditionalGeneration, tf.Llama4Config(text_config=text, vision_config=vision)
+        if text_only:
+            cls, cfg = tf.Llama4ForCausalLM, text
     elif kind == "mllama":
         text = tf.MllamaTextConfig(**ids, **dims, cross_attention_layers=list(range(1, layers, 4)))
         vision = tf.MllamaVisionConfig(
@@ -256,11 +266,14 @@ def random_multimodal(  # noqa: ANN201 - a transformers model
             image_size=56, patch_size=14, vision_output_dim=64, intermediate_layers_indices=[0],
         )  # fmt: skip
         cls, cfg = tf.MllamaForConditionalGeneration, tf.MllamaConfig(text_config=text, vision_config=vision)
+        if text_only:
+            cls, cfg = tf.MllamaForCausalLM, text
     else:
         raise SyntheticError(f"unknown multimodal kind {kind!r}; known: llama4, mllama")
     cfg.tie_word_embeddings = False
     torch.manual_seed(seed)
-    model = cls(cfg)
+    with torch.device(device):
+        model = cls(cfg)
     head = model.get_output_embeddings()
     with torch.no_grad():
         head.weight.normal_(0.0, INIT_STD).mul_(logit_std / (INIT_STD * dims["hidden_size"] ** 0.5))

@@ -59,8 +59,10 @@ def decoder_of(model: torch.nn.Module, name: str = "model") -> torch.nn.Module:
     misses it where the class's prefix names another attribute (Llama4ForCausalLM: prefix
     ``language_model``, module ``model``) and returns the whole causal LM."""
     dec = model.get_decoder()
-    if dec is model and isinstance(getattr(model, "model", None), torch.nn.Module):
-        dec = model.model
+    for _ in range(2):  # a causal LM found in place of its decoder (Llama 4's language_model): its .model
+        inner = getattr(dec, "model", None)
+        if (dec is model or getattr(dec, "lm_head", None) is not None) and isinstance(inner, torch.nn.Module):
+            dec = inner
     if dec is model:
         raise EngineError(
             f"model {name!r} ({type(model).__name__}): no decoder module found for the fast engine: "
