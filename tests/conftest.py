@@ -230,16 +230,16 @@ def llama4_tokenizer(llama4_tokenizer_dir: Path):
     return AutoTokenizer.from_pretrained(llama4_tokenizer_dir)
 
 
-def build_multimodal_guard(path: Path, kind: str, tokenizer_dir: Path, template: str) -> Path:
-    """A tiny random multimodal guard (tokmarg.synthetic.random_multimodal) saved with Meta's
-    tokenizer and a chat template from tests/fixtures/meta_templates."""
+def build_guard(path: Path, kind: str, tokenizer_dir: Path, template: str) -> Path:
+    """A tiny random guard (``llama``: tokmarg.synthetic.random_llama; ``llama4``, ``mllama``:
+    random_multimodal) saved with Meta's tokenizer and a chat template from tests/fixtures/meta_templates."""
     from transformers import AutoTokenizer
 
-    from tokmarg.synthetic import random_multimodal
+    from tokmarg.synthetic import random_llama, random_multimodal
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = (META_TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
-    model = random_multimodal(kind, tok)
+    model = random_llama(tok) if kind == "llama" else random_multimodal(kind, tok)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
@@ -249,7 +249,7 @@ def build_multimodal_guard(path: Path, kind: str, tokenizer_dir: Path, template:
 def llama_guard_4_dir(tmp_path_factory: pytest.TempPathFactory, llama4_tokenizer_dir: Path) -> Path:
     """A tiny Llama4ForConditionalGeneration (Llama Guard 4's class) with the Llama 4 tokenizer and
     the reconstructed Llama Guard 4 template."""
-    return build_multimodal_guard(
+    return build_guard(
         tmp_path_factory.mktemp("lg4"), "llama4", llama4_tokenizer_dir, "llama_guard_4_12b.reconstructed"
     )
 
@@ -258,6 +258,11 @@ def llama_guard_4_dir(tmp_path_factory: pytest.TempPathFactory, llama4_tokenizer
 def llama_guard_3_vision_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_dir: Path) -> Path:
     """A tiny MllamaForConditionalGeneration (Llama Guard 3 11B-Vision's class) with the Llama 3
     tokenizer and Meta's Llama Guard 3 11B-Vision template."""
-    return build_multimodal_guard(
-        tmp_path_factory.mktemp("lg3v"), "mllama", llama3_tokenizer_dir, "llama_guard_3_11b_vision"
-    )
+    return build_guard(tmp_path_factory.mktemp("lg3v"), "mllama", llama3_tokenizer_dir, "llama_guard_3_11b_vision")
+
+
+@pytest.fixture(scope="session")
+def llama_guard_3_1b_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokenizer_dir: Path) -> Path:
+    """A tiny LlamaForCausalLM (Llama Guard 3 1B's class) with the Llama 3 tokenizer and Meta's
+    Llama Guard 3 1B template (text parts, `categories`)."""
+    return build_guard(tmp_path_factory.mktemp("lg3-1b"), "llama", llama3_tokenizer_dir, "llama_guard_3_1b")

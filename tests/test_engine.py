@@ -184,7 +184,6 @@ def test_sliding_window_model_within_its_window(tiny_model_dir: Path, tmp_path: 
             assert_same(a, b, tol=1e-5, u_tol=ut if name == "LogTokU" else None)
 
 
-
 @pytest.mark.parametrize("semantics", ["exact", "paper"])
 @pytest.mark.parametrize("which", ["guard_like", "trained"])
 def test_llama3_vocabulary_fast_matches_reference(

@@ -71,22 +71,33 @@ def test_llama4_temperature_and_chunks(request: pytest.FixtureRequest) -> None:
     assert local_window(lm.model) == ("chunked", 8192)
 
 
-def test_eval_on_llama_guard_4(llama_guard_4_dir: Path, tmp_path: Path) -> None:
-    """`tokmarg eval` on the default (fast) engine completes on Llama Guard 4's class; each sample's
-    own text reaches the model (its prompt tokens and scores differ from the others')."""
+@pytest.mark.parametrize(
+    ("fixture", "taxonomy"),
+    [
+        ("llama_guard_4_dir", "llama_guard_4_12b"),
+        ("llama_guard_3_vision_dir", "llama_guard_3_11b_vision"),
+        ("llama_guard_3_1b_dir", "llama_guard_3_1b"),
+    ],
+)
+def test_eval_on_metas_guards(request: pytest.FixtureRequest, fixture: str, taxonomy: str, tmp_path: Path) -> None:
+    """`tokmarg eval` on the default (fast) engine completes on Llama Guard 4's, 3 11B-Vision's and
+    3 1B's classes with their templates (text parts); each sample's own text reaches the model
+    (its scores differ from the others'). Llama Guard 3 1B (13 codes) on a 14-code run, S14 excluded."""
+    model_dir = request.getfixturevalue(fixture)
+    run_taxonomy = "llama_guard_3\nexclude_codes: [S14]" if taxonomy == "llama_guard_3_1b" else taxonomy
     rows = [{"id": f"r{i}", "prompt": t, "labels": ["S1"] if i % 2 else []} for i, t in enumerate(PROMPTS)]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     params = tmp_path / "p.yaml"
     params.write_text(
-        "taxonomy: llama_guard_4_12b\nprompt: guard\n"
+        f"taxonomy: {run_taxonomy}\nprompt: guard\n"
         "strategies:\n  token_probability: {max_new_tokens: 4}\n  marginal_probability_at_any_place: "
         "{max_new_tokens: 3, eps: 0.05, top_p: 0.9}\n  LogTokU: {}\n"
-        f'models:\n  {llama_guard_4_dir}:\n    answer_prefix: "\\n\\n"\n',
+        f'models:\n  {model_dir}:\n    taxonomy: {taxonomy}\n    answer_prefix: "\\n\\n"\n',
         encoding="utf-8",
     )
     out = tmp_path / "run"
-    args = ["eval", "--models", str(llama_guard_4_dir), "--dataset", str(data), "--params", str(params)]
+    args = ["eval", "--models", str(model_dir), "--dataset", str(data), "--params", str(params)]
     res = CliRunner().invoke(app, [*args, "--out", str(out), "--no-ray", "--no-progress"])
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())

@@ -128,26 +128,13 @@ _LG3_NAMES = [
     "Elections.",
     "Code Interpreter Abuse.",
 ]
+_NEW_IN_LG3 = ("Defamation.", "Elections.", "Code Interpreter Abuse.")
 # As Meta's chat templates write them: Llama Guard 2 (11), 3 8B (14), 3 1B and 11B-Vision (13), 4 (14).
 META_GUARDS: dict[str, Taxonomy] = {
     t.name: t
     for t in (
-        _meta(
-            "llama_guard_2_8b",
-            [
-                "Violent Crimes.",
-                "Non-Violent Crimes.",
-                "Sex Crimes.",
-                "Child Exploitation.",
-                "Specialized Advice.",
-                "Privacy.",
-                "Intellectual Property.",
-                "Indiscriminate Weapons.",
-                "Hate.",
-                "Self-Harm.",
-                "Sexual Content.",
-            ],
-        ),
+        # Llama Guard 2's 11: Llama Guard 3's without Defamation, Elections and Code Interpreter Abuse
+        _meta("llama_guard_2_8b", [n for n in _LG3_NAMES if n not in _NEW_IN_LG3]),
         _meta("llama_guard_3_8b", _LG3_NAMES),
         _meta("llama_guard_3_1b", _LG3_NAMES[:13]),
         _meta("llama_guard_3_11b_vision", _LG3_NAMES[:13]),
