@@ -85,20 +85,44 @@ def test_string_templates_unchanged(meta_tok, name: str, taxonomy: str) -> None:
 
 
 def test_hard_coded_policy_under_another_taxonomy_in_metas_format(meta_tok) -> None:
-    """Another policy on Llama Guard 3 8B's hard-coded template (the paper's llama_guard_3 names,
-    S14 excluded): the template's own prompt with only its category lines swapped for the run's."""
+    """Another policy on Llama Guard 3 8B's hard-coded template: the template's own prompt with only
+    its category lines swapped for the run's. A taxonomy of its family (the paper's llama_guard_3:
+    the same categories by the same codes, other names) keeps Meta's names; S14 excluded leaves."""
     tok = meta_tok("llama_guard_3_8b")
-    run = LLAMA_GUARD_3.without(["S14"])
-    mp = ModelPrompt("lg3", tok, GUARD, run, "\n\n", run.excluded_codes)
     own = render(tok, GUARD, REPLY, LLAMA_GUARD_3, "\n\n")  # what the template writes: Meta's 14
-    meta_lines = "".join(f"{c.code}: {c.name}\n" for c in BUILTIN["llama_guard_3_8b"].categories)
-    run_lines = "".join(f"{c.code}: {c.name}\n" for c in run.categories)
-    assert meta_lines in own and "S3: Sex-Related Crimes\n" in run_lines
-    assert mp.text(REPLY) == own.replace(meta_lines, run_lines)
-    assert "S14" not in mp.text(REPLY)
+    meta = BUILTIN["llama_guard_3_8b"].categories
+    meta_lines = "".join(f"{c.code}: {c.name}\n" for c in meta)
+    assert meta_lines in own
+    assert ModelPrompt("lg3", tok, GUARD, LLAMA_GUARD_3, "\n\n").text(REPLY) == own  # same family: as it was
+    run = LLAMA_GUARD_3.without(["S14"])
+    text = ModelPrompt("lg3", tok, GUARD, run, "\n\n", run.excluded_codes).text(REPLY)
+    assert text == own.replace(meta_lines, "".join(f"{c.code}: {c.name}\n" for c in meta[:13]))
+    mine = taxonomy_from_mapping("mine", [{"code": "S1", "name": "Scams"}, {"code": "S2", "name": "Gore"}], "t")
+    text = ModelPrompt("lg3", tok, GUARD, mine, "\n\n").text(REPLY)
+    assert text == own.replace(meta_lines, "S1: Scams\nS2: Gore\n")
     lg2 = meta_tok("llama_guard_2_8b")  # its lines end with a space: kept
     text = ModelPrompt("lg2", lg2, GUARD, BUILTIN["llama_guard_2_8b"].without(["S11"]), "").text(BOMB)
     assert "S10: Self-Harm. \n<END UNSAFE CONTENT CATEGORIES>" in text and "S11" not in text
+
+
+def test_instruct_on_a_guard_template_shows_one_policy(meta_tok) -> None:
+    """An instruct prompt on a guard template sits inside the template's own policy block: that
+    block shows the run's policy too (S14 excluded: gone from both)."""
+    tok = meta_tok("llama_guard_3_8b")
+    run = LLAMA_GUARD_3.without(["S14"])
+    text = ModelPrompt("lg3", tok, load_format("instruct"), run, "\n\n", run.excluded_codes).text(BOMB)
+    assert "S14" not in text and "S13: Elections.\n<END UNSAFE CONTENT CATEGORIES>" in text
+    assert "S13: Elections\n" in text  # the instruct text's own list (the taxonomy's names)
+
+
+def test_a_template_that_takes_categories_must_show_them(llama3_tokenizer) -> None:
+    tok = copy.deepcopy(llama3_tokenizer)
+    tok.chat_template = (
+        "{% for k in categories %}{{ k }}={{ categories[k] }};{% endfor %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(PromptError, match="takes `categories` but does not show the run's policy"):
+        ModelPrompt("odd", tok, GUARD, LLAMA_GUARD_3)
 
 
 def test_policy_block_it_cannot_rewrite_is_refused(llama3_tokenizer) -> None:
@@ -150,7 +174,7 @@ def test_unrenderable_conversation_is_refused_at_load_naming_the_sample(meta_tok
     mp = ModelPrompt("lg3-1b", tok, GUARD, BUILTIN["llama_guard_3_1b"], "\n\n")
     with pytest.raises(PromptError) as e:
         mp.check(samples)
-    assert str(e.value).startswith("sample u2 (line 7): the chat template refused it: Conversation roles must")
+    assert str(e.value).startswith("model 'lg3-1b': sample 'u2' (line 7): the chat template refused it: Conversation")
 
 
 def test_a_template_that_drops_the_text_is_refused(llama3_tokenizer) -> None:
@@ -160,7 +184,7 @@ def test_a_template_that_drops_the_text_is_refused(llama3_tokenizer) -> None:
     with pytest.raises(PromptError) as e:
         mp.text(BOMB)
     msg = str(e.value)
-    assert "'blind'" in msg and "guard prompt through blind's chat template" in msg and "sample a" in msg
+    assert "'blind'" in msg and "guard prompt through blind's chat template" in msg and "sample 'a'" in msg
 
 
 def test_listing_shows_each_prompt_and_its_ids(meta_tok) -> None:

@@ -120,21 +120,24 @@ def test_shipped_13_code_guards_run_with_s14_excluded(tmp_path: Path) -> None:
     assert lg8.taxonomy.codes == cfg.taxonomy.codes and lg8.exclude_codes == ("S14",)
 
 
+MINE = "taxonomies:\n  mine: [{code: A, name: a}, {code: B, name: b}]\n"
+
+
 @pytest.mark.parametrize(
-    ("text", "needle"),
+    ("text", "models", "needle"),
     [
-        ("exclude_codes: S14\n", "exclude_codes: 'S14' must be a list of category codes"),
-        ("exclude_codes: [S15]\n", "exclude_codes: unknown code(s) ['S15'] for taxonomy llama_guard_3"),
-        ("models:\n  m:\n    exclude_codes: [S1]\n", "models.m.exclude_codes: leaves"),
+        ("exclude_codes: S14\n", None, "exclude_codes: 'S14' must be a list of category codes"),
+        ("exclude_codes: [S15]\n", None, "exclude_codes: unknown code(s) ['S15'] for taxonomy llama_guard_3"),
+        (MINE + "taxonomy: mine\nexclude_codes: [A, B]\n", None, "exclude_codes: leaves taxonomy mine without"),
+        ("models:\n  m:\n    exclude_codes: [S1]\n", ["m"], "models.m.taxonomy: llama_guard_3 (less its"),
+        ("models:\n  m:\n    exclude_codes: [S1]\n", ["m"], "lacks S1 of the run's taxonomy llama_guard_3"),
+        (MINE + "taxonomy: mine\nmodels:\n  m:\n    exclude_codes: [A, B]\n", ["m"], "models.m.exclude_codes: leaves"),
+        ("models:\n  m:\n    taxonomy: llama_guard_2_8b\n", ["m"], "names other categories than the run's"),
     ],
 )
-def test_exclude_codes_errors(tmp_path: Path, text: str, needle: str) -> None:
-    if "models.m" in needle:  # a model left with fewer codes than the run's: named, with the fix
-        with pytest.raises(ConfigError, match="lacks S1 of the run's taxonomy"):
-            build_config(write(tmp_path, text), models=["m"])
-        return
+def test_exclude_codes_and_model_taxonomy_errors(tmp_path: Path, text: str, models, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
-        build_config(write(tmp_path, text))
+        build_config(write(tmp_path, text), models=models)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
@@ -389,10 +392,15 @@ def test_unknown_model_taxonomy(tmp_path: Path) -> None:
 def test_model_taxonomy_lacking_dataset_codes(tmp_path: Path) -> None:
     p = write(tmp_path, "taxonomy: llama_guard_3\nmodels:\n  m: {taxonomy: llama_guard_2}\n")
     config_error(p, "models.m.taxonomy", "llama_guard_2", models=["m"])
-    # the other way round is fine: the model's taxonomy covers the dataset's
-    p2 = write(tmp_path, "taxonomy: llama_guard_2\nmodels:\n  m: {taxonomy: llama_guard_3}\n", "ok.yaml")
-    m = build_config(p2, models=["m"]).models[0]
-    assert m.taxonomy.name == "llama_guard_3" and build_config(p2, models=["m"]).taxonomy.name == "llama_guard_2"
+    # the other way round covers the codes, but Llama Guard 3's S5 is not Llama Guard 2's: refused
+    p2 = write(tmp_path, "taxonomy: llama_guard_2\nmodels:\n  m: {taxonomy: llama_guard_3}\n", "no.yaml")
+    with pytest.raises(ConfigError, match=r"names other categories than the run's taxonomy llama_guard_2"):
+        build_config(p2, models=["m"])
+    # a custom run taxonomy that names the model's categories as it does (a final period aside) is fine
+    small = "taxonomies:\n  small: [{code: S1, name: Violent Crimes.}, {code: S10, name: hate}]\ntaxonomy: small\n"
+    p3 = write(tmp_path, small + "models:\n  m: {taxonomy: llama_guard_3}\n", "ok.yaml")
+    cfg = build_config(p3, models=["m"])
+    assert cfg.models[0].taxonomy.name == "llama_guard_3" and cfg.taxonomy.codes == ("S1", "S10")
 
 
 def test_llama_guard_2_taxonomy(tmp_path: Path) -> None:

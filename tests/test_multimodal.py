@@ -52,7 +52,8 @@ def test_fast_matches_reference(request: pytest.FixtureRequest, kind: str, seman
     sp = StrategyParams(top_p=0.9, max_new_tokens=4, eps=0.02)
     params = dict.fromkeys(REGISTRY, sp)
     ref, _ = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("reference"))
-    fast, stats = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("fast", 3, 4096))
+    # batches of 3; forwards of at most 5 tokens, so prompt suffixes and tree levels span several calls
+    fast, stats = score(lm, info, tokens, queries, list(REGISTRY), params, semantics, EngineOptions("fast", 3, 5))
     assert stats.nodes > len(queries)  # trees were walked, not only greedy paths
     u_tol = [logtoku_tolerance(lm, info, tokens, q, semantics=semantics) for q in queries]
     for name in REGISTRY:
@@ -65,10 +66,31 @@ def test_llama4_temperature_and_chunks(request: pytest.FixtureRequest) -> None:
     """The tiny Llama 4's temperature varies within a short prompt (floor scale 4), so a tree forward
     that kept the model's own assumption (positions 0, 1, ... of the forward) would differ: the probe
     in `prepare` is what caught it. Its chunked layers make prompts past 8,192 tokens a refusal."""
-    lm, _ = _load(request, "llama4")
+    lm, tax = _load(request, "llama4")
     cfg = lm.model.config
     assert cfg.floor_scale == 4 and not all(cfg.no_rope_layers)
     assert local_window(lm.model) == ("chunked", 8192)
+    from tokmarg.engine import EngineError
+    from tokmarg.engine.tree import TreeBackend
+
+    info, tokens = model_view(lm, tax.codes)
+    prompt = ModelPrompt("lg4", lm.tokenizer, load_format("guard"), tax, "\n\n")
+    query = Query("a", prompt.ids(Sample("a", (Turn("user", "steal a car"),), (), 1)), tax.labels, True)
+    cfg.attention_chunk_size = 16  # shorter than the prompt: the chunked layers would see less
+    try:
+        with pytest.raises(EngineError, match="uses chunked attention \\(window 16\\)"):
+            score(lm, info, tokens, [query], ["LogTokU"], {"LogTokU": StrategyParams()}, "exact", EngineOptions())
+    finally:
+        cfg.attention_chunk_size = 8192
+    # the tree forward puts each token at its own position: the model's own logits at the last one
+    backend = TreeBackend(lm.model, lm.device, query.prompt_ids[:8], name="lg4")
+    backend.begin([query.prompt_ids], None)
+    try:
+        got = backend.head(backend._hidden[[backend._rows[(0, ())]]])[0]
+    finally:
+        backend.end()
+    want = lm.forward(query.prompt_ids)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,13 @@ Meta's chat templates differ in ways that a wrong guess turns into a silent wron
   both ways and keeps the shape whose output shows the probe's text.
 * **policy**: the newer guard templates take the category list as template variables
   (``categories``: code -> name, ``excluded_category_keys``); the older ones hard-code it.
-  A ``guard`` prompt passes the run's taxonomy where the template takes it; where the template
-  hard-codes another list, its category lines are swapped for the run's in the template's own line
-  format (all else is the template's text), or, where its block holds more than ``code: name``
-  lines, refused (never a model reading one policy while tokmarg scores another).
+  tokmarg passes the model's taxonomy where the template takes it; where the template hard-codes
+  another list, its category lines are swapped for the taxonomy's in the template's own line format
+  (all else is the template's text), or, where its block holds more than ``code: name`` lines,
+  refused (never a model reading one policy while tokmarg scores another). A taxonomy of the same
+  family as the template's own list (the same categories by the same codes) keeps the template's
+  names. This holds for every prompt format: an ``instruct`` prompt on a guard template sits
+  inside the template's policy block too.
 * **system role**: the guard templates refuse a system message; the ``instruct`` prompt then
   puts its system text first in the user turn.
 
@@ -31,7 +34,7 @@ from jinja2 import TemplateError
 
 from tokmarg.data import Sample, Turn
 from tokmarg.prompts import PromptError, PromptFormat, messages, prompt_ids
-from tokmarg.taxonomy import Taxonomy
+from tokmarg.taxonomy import META_GUARDS, Taxonomy
 
 ContentShape = Literal["string", "parts"]
 PROBE = "tokmarg probe q7z"
@@ -113,13 +116,14 @@ def policy_block(policy: Sequence[tuple[str, str]], line_end: str) -> str:
 
 
 def _variables(source: str) -> set[str]:
-    """The undeclared variables a Jinja template reads (empty when it does not parse)."""
+    """The undeclared variables a Jinja template reads (where it does not parse, e.g. transformers'
+    own `{% generation %}` tag: every name it mentions)."""
     from jinja2 import Environment, meta
 
     try:
-        return meta.find_undeclared_variables(Environment().parse(source))
+        return meta.find_undeclared_variables(Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source))
     except TemplateError:
-        return set()
+        return set(re.findall(r"[A-Za-z_]\w*", source))
 
 
 def policy_of(taxonomy: Taxonomy, excluded: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
@@ -144,16 +148,14 @@ class ModelPrompt:
     def __post_init__(self) -> None:
         self.facts = template_facts(self.tokenizer)
         self.variables, self.swap = {}, None
-        if self.fmt.user is not None:  # instruct or a template file: the policy is in our own text
-            return
         facts = self.facts
+        if facts.policy is None and not facts.takes_categories:
+            return  # the template writes no policy of its own: the prompt format's text has the policy
+        want = self.policy()
         if facts.takes_categories:
-            cats = {c.code: c.name for c in self.taxonomy.categories}
-            self.variables = {"categories": cats, "excluded_category_keys": list(self.excluded)}
-        elif facts.policy is not None:
-            want = policy_of(self.taxonomy, self.excluded)
-            if want == facts.policy:
-                return  # its own policy: the template's prompt, byte for byte
+            self.variables = {"categories": dict(want), "excluded_category_keys": list(self.excluded)}
+            self._check_shown(want)
+        elif want != facts.policy:
             if facts.line_end is None:
                 raise PromptError(
                     f"model {self.model!r}: its chat template hard-codes a policy of {len(facts.policy)} categories "
@@ -164,6 +166,26 @@ class ModelPrompt:
             # Meta's format with the run's policy: the template's own text (header tokens, task line,
             # conversation, instructions, answer position) with its category lines swapped for the run's
             self.swap = (_wrap(facts.block), _wrap(policy_block(want, facts.line_end)))
+
+    def policy(self) -> tuple[tuple[str, str], ...]:
+        """(code, name) of the categories the template's policy block is to show. Where the
+        template's own list is a Meta taxonomy of the model taxonomy's family (the same categories
+        under the same codes), its own names stay (the paper's `llama_guard_3` on Llama Guard 3 8B
+        is Meta's prompt, byte for byte); otherwise the taxonomy's names."""
+        own = dict(self.facts.policy or ())
+        meta = next((t for t in META_GUARDS.values() if policy_of(t) == self.facts.policy), None)
+        same = meta is not None and meta.kin == self.taxonomy.kin
+        return tuple((c.code, own.get(c.code, c.name) if same else c.name) for c in self.taxonomy.categories)
+
+    def _check_shown(self, want: tuple[tuple[str, str], ...]) -> None:
+        """A template that takes `categories` must write them: refuse one that shows something else."""
+        probe = [{"role": "user", "content": PROBE}]
+        text = apply_template(self.tokenizer, shaped(probe, self.facts.shape), self.variables)
+        if _wrap(policy_block(want, "\n")) not in text:
+            raise PromptError(
+                f"model {self.model!r}: its chat template takes `categories` but does not show the run's "
+                f"policy ({_brief(want)}) as `code: name` lines; use a prompt template file"
+            )
 
     @property
     def template_name(self) -> str:
@@ -183,19 +205,20 @@ class ModelPrompt:
         """The exact text the model reads, answer prefix included; refuses a prompt that lacks a
         message's text (a template reading another content shape, say)."""
         msgs = self.messages(sample)
+        where = f"sample {sample.id!r} (line {sample.line})"
         try:
             text = apply_template(self.tokenizer, shaped(msgs, self.facts.shape), self.variables)
         except PromptError as e:
-            raise PromptError(f"sample {sample.id} (line {sample.line}): {e}") from None
+            raise PromptError(f"model {self.model!r}: {where}: {e}") from None
         if self.swap is not None:
             if self.swap[0] not in text:
-                raise PromptError(f"model {self.model!r}: its policy block is missing from sample {sample.id}'s prompt")
+                raise PromptError(f"model {self.model!r}: {where}: the template's policy block is missing")
             text = text.replace(self.swap[0], self.swap[1], 1)  # the first: the template's, before the conversation
         for i, m in enumerate(msgs):
             if m["content"].strip() not in text:
                 raise PromptError(
                     f"model {self.model!r}: the {self.template_name} lost the text of message {i + 1} "
-                    f"({m['role']}) of sample {sample.id} (line {sample.line}); nothing was scored"
+                    f"({m['role']}) of {where}"
                 )
         return text + self.answer_prefix
 

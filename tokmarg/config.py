@@ -20,7 +20,7 @@ from tokmarg.prompts import BUILTIN_FORMATS, PromptError, load_format
 from tokmarg.strategies import REGISTRY, SEMANTICS, StrategyParams
 from tokmarg.strategies.base import Semantics
 from tokmarg.strategies.uncertainty import CALIBRATIONS, Calibration
-from tokmarg.taxonomy import BUILTIN, Taxonomy, TaxonomyError, get_taxonomy, taxonomy_from_mapping
+from tokmarg.taxonomy import BUILTIN, Taxonomy, TaxonomyError, differing, get_taxonomy, taxonomy_from_mapping
 
 PARAM_KEYS = tuple(f.name for f in fields(StrategyParams))
 TOP_KEYS = (
@@ -173,7 +173,15 @@ def build_config(
         name: _model(f, name, model_raw.get(name), base, chosen, taxonomy, taxonomies, defaults)
         for name in [*model_raw, *(n for n in names if n not in model_raw)]  # every entry is validated
     }
-    for name in names:  # an entry's taxonomy must hold the run's codes only where the model runs
+    for name in names:  # an entry's taxonomy must mean the run's codes and hold them, where the model runs
+        other = differing(taxonomy, built[name].taxonomy)
+        if other:
+            code, ours, theirs = other[0]
+            raise ConfigError(
+                f"{f}: models.{name}.taxonomy: {built[name].taxonomy.name} names other categories than the run's "
+                f"taxonomy {taxonomy.name} by the same codes ({code}: {theirs!r} vs {ours!r}): give the model a "
+                "taxonomy of the run's family or the run one of the model's"
+            )
         lacking = [c for c in taxonomy.codes if c not in built[name].taxonomy.codes]
         if lacking:
             raise ConfigError(

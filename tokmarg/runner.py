@@ -64,10 +64,16 @@ def _resolved(mc: ModelConfig) -> dict:
     }
 
 
+# How prompts are rendered (tokmarg.chat): 2 since content shapes and policies are read from each
+# chat template. A run made under another version (older guard prompts could differ) is not resumed.
+PROMPTING = 2
+
+
 def job_of(cfg: Config, ds: Dataset, settings: EvalSettings) -> dict:
     """Everything that decides a run's results; a run directory continues only the same job."""
     ids = "\n".join(s.id for s in ds.samples).encode()
     return {
+        "prompting": PROMPTING,
         "models": [m.name for m in cfg.models],
         "strategies": list(cfg.strategies),
         "semantics": cfg.semantics,

@@ -9,7 +9,7 @@ Built in: ``llama_guard_3`` (S1..S14) and ``llama_guard_2`` (S1..S11), as the pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokmarg.errors import TokmargError
 
@@ -26,6 +26,8 @@ class Taxonomy:
     name: str
     categories: tuple[Category, ...]
     excluded: tuple[Category, ...] = ()  # left out by `exclude_codes`: not shown, not scored, labels dropped
+    family: str = ""  # taxonomies of one family name the same categories by the same codes ("": its name)
+    every: tuple[Category, ...] = ()  # with some excluded: every category, in the original order
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -40,6 +42,11 @@ class Taxonomy:
         """``unsafe`` followed by the codes: the label order every strategy uses."""
         return ("unsafe", *self.codes)
 
+    @property
+    def kin(self) -> str:
+        """Its family (its own name where it has none)."""
+        return self.family or self.name
+
     def without(self, codes: tuple[str, ...] | list[str]) -> Taxonomy:
         """The taxonomy less ``codes`` (each must be one of its codes); the name stays."""
         unknown = [c for c in codes if c not in self.codes and c not in self.excluded_codes]
@@ -47,26 +54,21 @@ class Taxonomy:
             raise TaxonomyError(f"unknown code(s) {unknown} for taxonomy {self.name} (known: {', '.join(self.codes)})")
         drop = set(codes) | set(self.excluded_codes)
         every = self.complete().categories
-        return Taxonomy(
-            self.name, tuple(c for c in every if c.code not in drop), tuple(c for c in every if c.code in drop)
-        )
+        if not drop:
+            return self.complete()
+        kept = tuple(c for c in every if c.code not in drop)
+        return replace(self, categories=kept, excluded=tuple(c for c in every if c.code in drop), every=every)
 
     def complete(self) -> Taxonomy:
-        """Every category, the excluded ones back in their places (by code number, then name)."""
+        """Every category, the excluded ones back in their places."""
         if not self.excluded:
             return self
-        return Taxonomy(self.name, tuple(sorted((*self.categories, *self.excluded), key=_code_order)))
-
-
-def _code_order(c: Category) -> tuple[str, int, str]:
-    head = c.code.rstrip("0123456789")
-    tail = c.code[len(head) :]
-    return head, int(tail) if tail else -1, c.code
+        return replace(self, categories=self.every, excluded=(), every=())
 
 
 def _build(name: str, rows: list[tuple[str, str]]) -> Taxonomy:
     cats = tuple(Category(f"S{i}", n, d) for i, (n, d) in enumerate(rows, start=1))
-    return Taxonomy(name, cats)
+    return Taxonomy(name, cats, family=name)
 
 
 LLAMA_GUARD_3 = _build(
@@ -107,9 +109,10 @@ LLAMA_GUARD_2 = _build(
 )
 
 
-def _meta(name: str, names: list[str]) -> Taxonomy:
-    """A Meta guard model's own policy, names exactly as its chat template writes them."""
-    return Taxonomy(name, tuple(Category(f"S{i}", n, "") for i, n in enumerate(names, start=1)))
+def _meta(name: str, family: str, names: list[str]) -> Taxonomy:
+    """A Meta guard model's own policy, names exactly as its chat template writes them; its family
+    is the paper's taxonomy whose codes mean the same categories."""
+    return Taxonomy(name, tuple(Category(f"S{i}", n, "") for i, n in enumerate(names, start=1)), family=family)
 
 
 _LG3_NAMES = [
@@ -134,11 +137,11 @@ META_GUARDS: dict[str, Taxonomy] = {
     t.name: t
     for t in (
         # Llama Guard 2's 11: Llama Guard 3's without Defamation, Elections and Code Interpreter Abuse
-        _meta("llama_guard_2_8b", [n for n in _LG3_NAMES if n not in _NEW_IN_LG3]),
-        _meta("llama_guard_3_8b", _LG3_NAMES),
-        _meta("llama_guard_3_1b", _LG3_NAMES[:13]),
-        _meta("llama_guard_3_11b_vision", _LG3_NAMES[:13]),
-        _meta("llama_guard_4_12b", _LG3_NAMES),
+        _meta("llama_guard_2_8b", "llama_guard_2", [n for n in _LG3_NAMES if n not in _NEW_IN_LG3]),
+        _meta("llama_guard_3_8b", "llama_guard_3", _LG3_NAMES),
+        _meta("llama_guard_3_1b", "llama_guard_3", _LG3_NAMES[:13]),
+        _meta("llama_guard_3_11b_vision", "llama_guard_3", _LG3_NAMES[:13]),
+        _meta("llama_guard_4_12b", "llama_guard_3", _LG3_NAMES),
     )
 }
 
@@ -147,6 +150,24 @@ BUILTIN: dict[str, Taxonomy] = {t.name: t for t in (LLAMA_GUARD_3, LLAMA_GUARD_2
 
 class TaxonomyError(TokmargError, ValueError):
     """A taxonomy name or definition is invalid."""
+
+
+def differing(a: Taxonomy, b: Taxonomy) -> list[tuple[str, str, str]]:
+    """(code, a's name, b's name) where two taxonomies may name other categories by the same code:
+    none within a family; otherwise codes both have whose names differ (case, spaces and a final
+    period aside)."""
+    if a.kin == b.kin:
+        return []
+
+    def norm(name: str) -> str:
+        return name.strip().rstrip(".").casefold()
+
+    theirs = {c.code: c.name for c in b.complete().categories}
+    return [
+        (c.code, c.name, theirs[c.code])
+        for c in a.categories
+        if c.code in theirs and norm(c.name) != norm(theirs[c.code])
+    ]
 
 
 def get_taxonomy(name: str, custom: dict[str, Taxonomy] | None = None) -> Taxonomy:

@@ -49,7 +49,7 @@ def local_window(model: torch.nn.Module) -> tuple[str, int | None]:
     if window and (not types or any("sliding" in t for t in types)):
         return "sliding-window", int(window)
     chunk = getattr(cfg, "attention_chunk_size", None)
-    if chunk and any("chunked" in t for t in types):
+    if chunk and (not types or any("chunked" in t for t in types)):
         return "chunked", int(chunk)
     return "", None
 
