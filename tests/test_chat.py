@@ -95,7 +95,7 @@ def test_hard_coded_policy_under_another_taxonomy_in_metas_format(meta_tok) -> N
     assert meta_lines in own
     assert ModelPrompt("lg3", tok, GUARD, LLAMA_GUARD_3, "\n\n").text(REPLY) == own  # same family: as it was
     run = LLAMA_GUARD_3.without(["S14"])
-    text = ModelPrompt("lg3", tok, GUARD, run, "\n\n", run.excluded_codes).text(REPLY)
+    text = ModelPrompt("lg3", tok, GUARD, run, "\n\n").text(REPLY)
     assert text == own.replace(meta_lines, "".join(f"{c.code}: {c.name}\n" for c in meta[:13]))
     mine = taxonomy_from_mapping("mine", [{"code": "S1", "name": "Scams"}, {"code": "S2", "name": "Gore"}], "t")
     text = ModelPrompt("lg3", tok, GUARD, mine, "\n\n").text(REPLY)
@@ -110,7 +110,7 @@ def test_instruct_on_a_guard_template_shows_one_policy(meta_tok) -> None:
     block shows the run's policy too (S14 excluded: gone from both)."""
     tok = meta_tok("llama_guard_3_8b")
     run = LLAMA_GUARD_3.without(["S14"])
-    text = ModelPrompt("lg3", tok, load_format("instruct"), run, "\n\n", run.excluded_codes).text(BOMB)
+    text = ModelPrompt("lg3", tok, load_format("instruct"), run, "\n\n").text(BOMB)
     assert "S14" not in text and "S13: Elections.\n<END UNSAFE CONTENT CATEGORIES>" in text
     assert "S13: Elections\n" in text  # the instruct text's own list (the taxonomy's names)
 
@@ -150,7 +150,7 @@ def test_custom_taxonomy_and_excluded_codes_reach_the_template(meta_tok) -> None
     )
     assert "Violent Crimes" not in text
     less = mine.without(["S2"])
-    text = ModelPrompt("lg3-1b", tok, GUARD, less, "\n\n", less.excluded_codes).text(BOMB)
+    text = ModelPrompt("lg3-1b", tok, GUARD, less, "\n\n").text(BOMB)
     assert "S1: Scams.\nS3: Gore.\n<END" in text and "Spam" not in text
 
 
@@ -190,7 +190,7 @@ def test_a_template_that_drops_the_text_is_refused(llama3_tokenizer) -> None:
 def test_listing_shows_each_prompt_and_its_ids(meta_tok) -> None:
     tok = meta_tok("llama_guard_3_1b")
     tax = BUILTIN["llama_guard_3_1b"]
-    lines = list(listing([("lg3-1b", tok, GUARD, tax, "\n\n", ())], [BOMB, BREAD], with_ids=True))
+    lines = list(listing([ModelPrompt("lg3-1b", tok, GUARD, tax, "\n\n")], [BOMB, BREAD], with_ids=True))
     assert len(lines) == 6
     ids = tuple(int(i) for i in lines[2].removeprefix("ids: ").split())
     assert lines[0] == f"== lg3-1b a ({len(ids)} tokens)"
@@ -244,5 +244,5 @@ def test_llama_guard_4_reads_every_sample_and_the_run_policy(lg4_tok) -> None:
     texts = {mp.text(s) for s in (BOMB, BREAD, POEM, REPLY)}
     assert len(texts) == 4 and all("<END CONVERSATION>" in t for t in texts)
     less = tax.without(["S2", "S14"])
-    text = ModelPrompt("lg4", lg4_tok, GUARD, less, "\n\n", less.excluded_codes).text(bomb)
+    text = ModelPrompt("lg4", lg4_tok, GUARD, less, "\n\n").text(bomb)
     assert "S1: Violent Crimes.\nS3: Sex Crimes." in text and "S14" not in text and "S13: Elections.\n<END" in text

@@ -33,7 +33,7 @@ from typing import Literal
 from jinja2 import TemplateError
 
 from tokmarg.data import Sample, Turn
-from tokmarg.prompts import PromptError, PromptFormat, messages, prompt_ids
+from tokmarg.prompts import PromptError, PromptFormat, apply_template, messages, prompt_ids
 from tokmarg.taxonomy import META_GUARDS, Taxonomy
 
 ContentShape = Literal["string", "parts"]
@@ -53,21 +53,6 @@ class TemplateFacts:
     policy: tuple[tuple[str, str], ...] | None  # (code, name) the template writes by default; None: no policy block
     block: str = ""  # that policy block's lines exactly as the template writes them
     line_end: str | None = None  # what ends each `code: name` line (LG2: " \n"); None: lines of another form
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def apply_template(tokenizer: object, msgs: list[dict], variables: dict | None = None) -> str:
-    """The chat template's text for ``msgs`` with the generation prompt; its refusals as PromptError."""
-    try:
-        return tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            msgs, tokenize=False, add_generation_prompt=True, **(variables or {})
-        )
-    except (TemplateError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise PromptError(f"the chat template refused it: {_first_line(e)}") from None
 
 
 def shaped(msgs: Iterable[dict[str, str]], shape: ContentShape) -> list[dict]:
@@ -126,9 +111,9 @@ def _variables(source: str) -> set[str]:
         return set(re.findall(r"[A-Za-z_]\w*", source))
 
 
-def policy_of(taxonomy: Taxonomy, excluded: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
-    """(code, name) of the categories a prompt shows, names as the taxonomy spells them."""
-    return tuple((c.code, c.name) for c in taxonomy.categories if c.code not in excluded)
+def policy_of(taxonomy: Taxonomy) -> tuple[tuple[str, str], ...]:
+    """(code, name) of a taxonomy's categories, names as it spells them."""
+    return tuple((c.code, c.name) for c in taxonomy.categories)
 
 
 @dataclass
@@ -138,9 +123,8 @@ class ModelPrompt:
     model: str
     tokenizer: object
     fmt: PromptFormat
-    taxonomy: Taxonomy
+    taxonomy: Taxonomy  # the policy it shows (its excluded codes left out)
     answer_prefix: str = ""
-    excluded: tuple[str, ...] = ()  # codes left out of the policy the prompt shows
     facts: TemplateFacts = field(init=False)
     variables: dict = field(init=False)  # template variables (the policy, where the template takes it)
     swap: tuple[str, str] | None = field(init=False)  # (the template's policy block, the run's in its format)
@@ -153,7 +137,7 @@ class ModelPrompt:
             return  # the template writes no policy of its own: the prompt format's text has the policy
         want = self.policy()
         if facts.takes_categories:
-            self.variables = {"categories": dict(want), "excluded_category_keys": list(self.excluded)}
+            self.variables = {"categories": dict(want), "excluded_category_keys": list(self.taxonomy.excluded_codes)}
             self._check_shown(want)
         elif want != facts.policy:
             if facts.line_end is None:
@@ -228,12 +212,8 @@ class ModelPrompt:
     def check(self, samples: Iterable[Sample]) -> None:
         """Render one sample of each conversation shape (its sequence of roles): a template that
         cannot render one is refused here, at load time, naming the first such sample."""
-        seen: set[tuple[str, ...]] = set()
-        for s in samples:
-            roles = tuple(t.role for t in s.conversation)
-            if roles not in seen:
-                seen.add(roles)
-                self.text(s)
+        for s in role_patterns(samples):
+            self.text(s)
 
 
 def role_patterns(samples: Iterable[Sample]) -> tuple[Sample, ...]:
@@ -260,21 +240,15 @@ def _brief(policy: Sequence[tuple[str, str]]) -> str:
     return first if len(policy) == 1 else f"{first} ... {policy[-1][0]} {policy[-1][1]!r}"
 
 
-def listing(
-    models: Sequence[tuple[str, object, PromptFormat, Taxonomy, str, tuple[str, ...]]],
-    samples: Sequence[Sample],
-    with_ids: bool = False,
-) -> Iterator[str]:
+def listing(prompts: Sequence[ModelPrompt], samples: Sequence[Sample], with_ids: bool = False) -> Iterator[str]:
     """``tokmarg prompts``: per model and sample a line ``== MODEL SAMPLE_ID (N tokens)``, then the
-    exact text the model reads (answer prefix included), and with ``with_ids`` its token ids.
-    ``models``: (name, tokenizer, format, taxonomy, answer prefix, excluded codes) each."""
-    for name, tok, fmt, taxonomy, prefix, excluded in models:
-        mp = ModelPrompt(name, tok, fmt, taxonomy, prefix, excluded)
+    exact text the model reads (answer prefix included), and with ``with_ids`` its token ids."""
+    for mp in prompts:
         mp.check(samples)
         for s in samples:
             text = mp.text(s)
-            ids = prompt_ids(tok, text)
-            yield f"== {name} {s.id} ({len(ids)} tokens)"
+            ids = prompt_ids(mp.tokenizer, text)
+            yield f"== {mp.model} {s.id} ({len(ids)} tokens)"
             yield text
             if with_ids:
                 yield "ids: " + " ".join(map(str, ids))

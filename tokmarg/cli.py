@@ -122,25 +122,16 @@ def prompts_cmd(
     options = {k: v for k, v in locals().items() if k != "ids"}
     from tokmarg.chat import listing
     from tokmarg.models import load_tokenizer
-    from tokmarg.prompts import load_format
     from tokmarg.runner import load_inputs
     from tokmarg.settings import from_options
+    from tokmarg.worker import WorkerSpec
 
     with _errors():
         s = from_options(options)
         cfg, ds = load_inputs(s)
-        views = [
-            (
-                m.name,
-                load_tokenizer(m.name, trust_remote_code=s.trust_remote_code),
-                load_format(m.prompt),
-                m.taxonomy,
-                m.answer_prefix,
-                m.exclude_codes,
-            )
-            for m in cfg.models
-        ]
-        lines = list(listing(views, ds.samples, ids))  # every prompt checked before anything prints
+        tokenizers = [load_tokenizer(m.name, trust_remote_code=s.trust_remote_code) for m in cfg.models]
+        prompts = [WorkerSpec.from_config(m, cfg).prompt(t) for m, t in zip(cfg.models, tokenizers)]
+        lines = list(listing(prompts, ds.samples, ids))  # every prompt checked before anything prints
     typer.echo("\n".join(lines))
 
 

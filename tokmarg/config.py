@@ -50,7 +50,11 @@ class ModelConfig:
     device: str
     dtype: str
     params: dict[str, StrategyParams]  # strategy -> resolved params
-    exclude_codes: tuple[str, ...] = ()  # codes left out of the prompt's policy (the run's and its own)
+
+    @property
+    def exclude_codes(self) -> tuple[str, ...]:
+        """Codes left out of the prompt's policy (the run's and its own)."""
+        return self.taxonomy.excluded_codes
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,6 @@ def _model(
         _string(f"{where}.device", entry.get("device"), defaults.device),
         _choice(f"{where}.dtype", entry.get("dtype", defaults.dtype), list(DTYPES)),
         {s: resolved[s] for s in chosen},
-        m_tax.excluded_codes,
     )
 
 

@@ -104,14 +104,28 @@ def messages(fmt: PromptFormat, sample: Sample, taxonomy: Taxonomy) -> list[dict
     return out
 
 
-def render(tokenizer: object, fmt: PromptFormat, sample: Sample, taxonomy: Taxonomy, answer_prefix: str = "") -> str:
-    """The prompt text as the chat template writes it, ending where the answer starts."""
-    msgs = messages(fmt, sample, taxonomy)
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def apply_template(tokenizer: object, msgs: list[dict], variables: dict | None = None) -> str:
+    """The chat template's text for ``msgs`` with the generation prompt; its refusals as PromptError."""
     try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
-    except (TemplateError, ValueError, TypeError) as e:  # e.g. no chat template, or roles that must alternate
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PromptError(f"sample {sample.id} (line {sample.line}): the chat template refused it: {msg}") from None
+        return tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            msgs, tokenize=False, add_generation_prompt=True, **(variables or {})
+        )
+    except (TemplateError, ValueError, TypeError, KeyError, AttributeError) as e:  # e.g. no template, roles
+        raise PromptError(f"the chat template refused it: {_first_line(e)}") from None
+
+
+def render(tokenizer: object, fmt: PromptFormat, sample: Sample, taxonomy: Taxonomy, answer_prefix: str = "") -> str:
+    """The prompt text as the chat template writes it, ending where the answer starts (content as a
+    string; :class:`tokmarg.chat.ModelPrompt` is what a run uses: the shape and policy the template reads)."""
+    try:
+        text = apply_template(tokenizer, messages(fmt, sample, taxonomy))
+    except PromptError as e:
+        raise PromptError(f"sample {sample.id} (line {sample.line}): {e}") from None
     return text + answer_prefix
 
 

@@ -49,7 +49,7 @@ class WorkerSpec:
     def prompt(self, tokenizer: object) -> ModelPrompt:
         """This model's prompts through its tokenizer's chat template (checked as they render)."""
         mc = self.model
-        return ModelPrompt(mc.name, tokenizer, self.fmt, mc.taxonomy, mc.answer_prefix, mc.exclude_codes)
+        return ModelPrompt(mc.name, tokenizer, self.fmt, mc.taxonomy, mc.answer_prefix)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ def text_config(model: torch.nn.Module) -> object:
 
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The attention window of a sliding-window model (Mistral v0.1, Gemma 2/3, ...), else None."""
-    return local_window(model)[1] if local_window(model)[0] == "sliding-window" else None
+    kind, window = local_window(model)
+    return window if kind == "sliding-window" else None
 
 
 def local_window(model: torch.nn.Module) -> tuple[str, int | None]:
