@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score, f1_score, hamming_loss, roc
 from tokmarg.metrics import (
     HEADLINE,
     binarize,
+    bootstrap_headline,
     choose_k,
     compute_metrics,
     f1_threshold_curve,
@@ -294,3 +295,65 @@ def test_threshold_transfer_hand_case() -> None:
     with_self = threshold_transfer({"A": (y, a), "B": (y, b)}, th, include_self=True)
     self_row = with_self[(with_self.source == "A") & (with_self.target == "A")].iloc[0]
     assert self_row.threshold == 0.5 and self_row.f1_lost == 0.0
+
+
+# ---------------------------------------------------------------- one sort, intervals that scale
+
+
+def test_ranking_gives_sklearns_values_bit_for_bit() -> None:
+    from tokmarg.metrics import Ranking
+
+    rng = np.random.default_rng(7)
+    for case in range(60):
+        n, k = int(rng.integers(2, 300)), int(rng.integers(1, 5))
+        y = rng.random((n, k)) < rng.uniform(0.05, 0.6)
+        s = rng.random((n, k))
+        if case % 3 == 0:
+            s = np.round(s, 1)  # many ties
+        r = Ranking.of(y, s)
+        if y.any() and not y.all():
+            assert r.roc_auc() == roc_auc_score(y.ravel(), s.ravel())
+        if y.any():
+            assert r.average_precision() == average_precision_score(y.ravel(), s.ravel())
+        grid = np.linspace(0, 1, 101)
+        assert np.array_equal(r.f1_curve(grid), f1_threshold_curve(y, s, grid))
+    assert math.isnan(Ranking.of(np.ones(3, bool), np.arange(3.0)).roc_auc())
+
+
+def test_clustered_delong_hand_cases() -> None:
+    from tokmarg.metrics import clustered_delong
+
+    # one pair per row: plain DeLong. Placements 1, 1/2 (positives) and 1, 1/2 (negatives); AUC 3/4,
+    # S10 = S01 = 2/1/2 x (1/16 + 1/16) = 1/8, var = 1/8 / 2 + 1/8 / 2 = 1/8
+    auc, var = clustered_delong(np.array([[1], [0], [1], [0]], bool), np.array([[0.9], [0.1], [0.4], [0.6]]))
+    assert auc == pytest.approx(0.75) and var == pytest.approx(0.125)
+    # rows as clusters of 2 pairs: placements per row (1, 1), (2/3, 2/3), (1/3, 1/3); AUC 2/3,
+    # S10 = S01 = 3/(2 x 3) x 2/9 = 1/9, S11 = 3/2 x 2/9 = 1/3, var = 1/27 + 1/27 + 2/3 / 9 = 4/27
+    y = np.array([[1, 0], [0, 1], [1, 0]], bool)
+    s = np.array([[0.8, 0.3], [0.5, 0.6], [0.4, 0.7]])
+    auc, var = clustered_delong(y, s)
+    assert auc == pytest.approx(2 / 3) and var == pytest.approx(4 / 27)
+
+
+def test_intervals_above_the_row_bootstrap_limit_agree_with_it() -> None:
+    from tokmarg.metrics import headline_intervals
+    from tokmarg.metrics.bootstrap import ROW_BOOTSTRAP_MAX
+
+    rng = np.random.default_rng(3)
+    n, k = ROW_BOOTSTRAP_MAX + 1000, 4
+    y = rng.random((n, k)) < 0.2
+    s = np.clip(0.3 * y + 0.7 * rng.random((n, k)) + 0.1 * rng.random((n, 1)), 0, 1)
+    p = s >= 0.5
+    big = headline_intervals(y, p, s, n_boot=1000, seed=0)
+    row = bootstrap_headline(y, p, s, n_boot=1000, seed=0)  # the materialized row bootstrap
+    assert (big["f1_micro"].method, big["f1_micro"].replicates) == ("bootstrap-grouped", 1000)
+    assert (big["roc_auc_micro"].method, big["roc_auc_micro"].replicates) == ("delong-clustered", 0)
+    for m in ("f1_micro", "hamming_loss", "roc_auc_micro"):
+        width = row[m][1] - row[m][0]
+        assert abs(big[m].lo - row[m][0]) < 0.1 * width and abs(big[m].hi - row[m][1]) < 0.1 * width, m
+    small = headline_intervals(y[:500], p[:500], s[:500], n_boot=200, seed=1)
+    assert (small["roc_auc_micro"].lo, small["roc_auc_micro"].hi) == bootstrap_headline(
+        y[:500], p[:500], s[:500], n_boot=200, seed=1
+    )["roc_auc_micro"]  # small runs keep the row bootstrap's numbers
+    m = compute_metrics(y, p, s, codes=["a", "b", "c", "d"], n_boot=100)
+    assert m["f1_micro_ci_method"] == "bootstrap-grouped" and m["roc_auc_micro_ci_replicates"] == 0

@@ -69,6 +69,19 @@ def _args(models: list[str], inputs: tuple[Path, Path], out: Path, *extra: str) 
     return ["eval", "--models", *models, "--dataset", str(data), "--params", str(params), "--out", str(out), *extra]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _file_per_partition():
+    """Drivers (and the clusters' job drivers, which inherit the environment) write every partition
+    as it finishes: these tests watch partition files appear mid-run."""
+    old = os.environ.get("TOKMARG_FILE_SAMPLES")
+    os.environ["TOKMARG_FILE_SAMPLES"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TOKMARG_FILE_SAMPLES", None)
+    else:
+        os.environ["TOKMARG_FILE_SAMPLES"] = old
+
+
 def _driver(args: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(

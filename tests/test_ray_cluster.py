@@ -29,6 +29,19 @@ N = 12
 SMOL = "smollm2-135m-instruct"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _file_per_partition():
+    """Drivers (and the clusters' job drivers, which inherit the environment) write every partition
+    as it finishes: these tests watch partition files appear mid-run."""
+    old = os.environ.get("TOKMARG_FILE_SAMPLES")
+    os.environ["TOKMARG_FILE_SAMPLES"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TOKMARG_FILE_SAMPLES", None)
+    else:
+        os.environ["TOKMARG_FILE_SAMPLES"] = old
+
+
 def _cluster_env(port: int, **extra: str) -> dict[str, str]:
     return {
         **os.environ,

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tokmarg.columns import ModelArrays, label_matrix, positions_of
 from tokmarg.records import (
     Manifest,
     ModelSummary,
@@ -16,8 +17,6 @@ from tokmarg.records import (
     PartitionResult,
     RecordError,
     conform,
-    strategy_results,
-    with_pred_labels,
 )
 from tokmarg.strategies import SampleOutput
 
@@ -40,17 +39,37 @@ def test_partition_table_is_typed_and_read_back_as_arrays() -> None:
     t = _result().table(LABELS)
     assert t.schema.field("scores").type == pa.struct([(label, pa.float64()) for label in LABELS])
     assert t.column("scores").to_pylist()[:2] == [{"unsafe": None, "S1": 0.75, "S2": None}, None]
-    res = strategy_results(t, ["a", "b"], LABELS)  # rows come back in the run's sample order
-    tp = res["m", "token_probability"]
+    ids = pa.array(["a", "b"])
+    arrays = ModelArrays("m", ["token_probability", "LogTokU"], 2, LABELS)
+    arrays.add(t, positions_of(t.column("sample_id"), ids))  # rows come back in the run's sample order
+    res = arrays.results()
+    tp = res["token_probability"]
     assert tp.scores.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.75, 0.0]]  # no score counts as 0
-    assert tp.tokens_forwarded.tolist() == [1, 3] and tp.rows.tolist() == [1, 0]
-    lt = res["m", "LogTokU"]
-    assert lt.scores is None and lt.ranked == [("S1", "S2"), ("S2", "S1")]
+    assert tp.tokens_forwarded.tolist() == [1, 3]
+    lt = res["LogTokU"]
+    assert lt.scores is None and lt.top.tolist() == [[0, 1], [1, 0]]  # S1, S2 as code columns 0, 1
     assert lt.gate_unsafe.tolist() == [1.0, 0.0] and lt.uncertainty.tolist() == [0.7, 0.5]
-    lt.pred_labels = [("S1",), ()]
-    assert with_pred_labels(t, [lt]).column("pred_labels").to_pylist() == [[], [], [], ["S1"]]
+    lt.set_top_k(np.array([1, 0]))
+    assert lt.named.tolist() == [[True, False], [False, False]]
+    assert lt.pred_labels(np.array([1, 0]), ["S1", "S2"]).to_pylist() == [[], ["S1"]]
+    lt.set_top_k(np.array([2, 2]))
+    assert lt.pred_labels(np.array([0, 1]), ["S1", "S2"]).to_pylist() == [["S1", "S2"], ["S2", "S1"]]
+    three = ModelArrays("m", ["token_probability", "LogTokU"], 3, LABELS)
+    three.add(t, positions_of(t.column("sample_id"), pa.array(["a", "b", "c"])))
     with pytest.raises(RecordError, match="has 2 predictions, not one for each of the 3 samples"):
-        strategy_results(t, ["a", "b", "c"], LABELS)
+        three.results()
+    with pytest.raises(RecordError, match="sample 'b' is not one of the samples"):
+        positions_of(t.column("sample_id"), pa.array(["a", "c"]))
+    with pytest.raises(RecordError, match="strategy 'LogTokU', which the run does not compute"):
+        ModelArrays("m", ["token_probability"], 2, LABELS).add(t, np.zeros(4, dtype=np.int64))
+    with pytest.raises(RecordError, match="model 'm', not only of 'other'"):
+        ModelArrays("other", ["token_probability", "LogTokU"], 2, LABELS).add(t, np.zeros(4, dtype=np.int64))
+
+
+def test_label_matrix_ignores_names_outside_the_codes() -> None:
+    m = label_matrix([["S2", "S9"], [], ["S1", "S2"]], ["S1", "S2"])
+    assert m.tolist() == [[False, True], [False, False], [True, True]]
+    assert label_matrix([], ["S1"]).shape == (0, 1)
 
 
 def test_unknown_labels_and_facts_are_refused() -> None:

@@ -270,11 +270,12 @@ def test_bad_run_directories(setup: dict, tmp_path: Path) -> None:
 def test_broken_predictions_and_unsafe_out_are_refused(setup: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(setup["run"], run, ignore=shutil.ignore_patterns("report"))
+    shutil.rmtree(run / "curves")  # a run reduced before the curves were stored: its scores are read
     f = next((run / "predictions").glob("*.parquet"))
     pred = pd.read_parquet(f)
-    pred.drop(index=pred.index[pred["strategy"] == "greedy_generation"][0]).to_parquet(f)
+    pred.drop(index=pred.index[pred["strategy"] == "token_probability"][0]).to_parquet(f)
     res = runner.invoke(app, ["report", str(run)])
-    assert res.exit_code == 2 and "greedy_generation has 11 predictions" in res.output, res.output
+    assert res.exit_code == 2 and "token_probability has 11 predictions" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (run / "report").exists()
     # --out must not replace a run (or anything that is not a report)
     for out in (setup["run"], tmp_path):

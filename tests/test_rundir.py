@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from tokmarg.cli import app
 from tokmarg.records import PartitionMeta, PartitionResult
-from tokmarg.rundir import RunDir, RunError, atomic_write, plan
+from tokmarg.rundir import PartitionWriter, RunDir, RunError, atomic_write, plan
 from tokmarg.strategies import REGISTRY, SampleOutput
 from tokmarg.worker import Worker
 
@@ -78,28 +78,36 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
 LABELS = ("unsafe", "S1")
 
 
-def _result(ids: list[str], tokens: int) -> PartitionResult:
-    """A partition of strategy ``s`` over ``ids``, each sample with ``tokens`` tokens forwarded."""
-    meta = PartitionMeta("m", 0, {"all": 1.0}, tokens * len(ids), 0, 0, {})
+def _result(ids: list[str], tokens: int, index: int = 0) -> PartitionResult:
+    """Partition ``index`` of strategy ``s`` over ``ids``, each sample with ``tokens`` tokens forwarded."""
+    meta = PartitionMeta("m", index, {"all": 1.0}, tokens * len(ids), 0, 0, {})
     outs = [SampleOutput({"S1": 0.5}, tokens_forwarded=tokens) for _ in ids]
     return PartitionResult(meta, tuple(ids), tuple(() for _ in ids), {"s": outs}, tuple(tokens for _ in ids))
 
 
 def test_partition_is_written_once(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
-    assert rd.write_partition(_result(["a"], 1), LABELS) is True
-    assert rd.write_partition(_result(["a"], 2), LABELS) is False  # a retried duplicate
+    assert rd.write_partitions([_result(["a"], 1)], LABELS) == 1
+    assert rd.write_partitions([_result(["a"], 2)], LABELS) == 0  # a retried duplicate
     assert pd.read_parquet(rd.part_path("m", 0)).tokens_forwarded.tolist() == [1]
     assert rd.done("m", 3) == {0}
+    assert RunDir(tmp_path / "run").done("m", 3) == {0}  # read back from the file's metadata
 
 
-def test_partition_with_wrong_content_is_refused(tmp_path: Path) -> None:
+def test_partitions_are_grouped_in_files(tmp_path: Path) -> None:
     rd = RunDir(tmp_path / "run")
-    rd.write_partition(_result(["a"], 1), LABELS)
-    with pytest.raises(RunError, match=r"part-00000\.parquet: does not hold exactly the 2 results"):
-        rd.read_partitions("m", [(0, ["a", "b"])], ["s"], LABELS)
-    with pytest.raises(RunError, match=r"part-00001\.parquet: missing; run `tokmarg eval --resume"):
-        rd.read_partitions("m", [(1, ["c"])], ["s"], LABELS)
+    w = PartitionWriter(rd, LABELS, group_samples=3)
+    w.add(_result(["e"], 1, index=2))
+    w.add(_result(["a", "b"], 1, index=0))  # 3 samples buffered: one file, named by the first
+    w.add(_result(["c", "d"], 1, index=1))
+    assert [p.name for p in rd.partition_files("m")] == ["part-00000.parquet"]
+    w.add(_result(["e"], 5, index=2))  # computed twice: written once
+    w.flush()
+    assert [p.name for p in rd.partition_files("m")] == ["part-00000.parquet", "part-00001.parquet"]
+    assert w.written == 3 and RunDir(rd.path).done("m", 3) == {0, 1, 2}
+    table, metas = rd.read_partition_file(rd.part_path("m", 0), ["sample_id", "tokens_forwarded"])
+    assert [m.index for m in metas] == [0, 2] and table.column("sample_id").to_pylist() == ["a", "b", "e"]
+    assert table.column_names == ["sample_id", "tokens_forwarded"]
 
 
 def test_directory_that_is_not_a_run(tmp_path: Path) -> None:
@@ -137,7 +145,7 @@ def test_interrupted_run_resumes_only_missing_partitions(
         f"error: interrupted; finished partitions are kept: `tokmarg eval --resume {out}` continues the run"
     )
     before = _files(out)
-    assert len(before) == 2 and not (out / "manifest.json").exists()
+    assert len(before) == 1 and not (out / "manifest.json").exists()  # the 2 finished partitions, in one file
     monkeypatch.setattr(Worker, "run_partition", real)
 
     calls.clear()
@@ -148,7 +156,7 @@ def test_interrupted_run_resumes_only_missing_partitions(
     assert sorted(calls) == [2, 3]  # only the unfinished partitions ran
     after = _files(out)
     assert all(after[k] == v for k, v in before.items())  # finished partitions untouched
-    assert len(after) == 4
+    assert len(after) == 2
 
     pred, ref = _pred(out), _pred(full)
     assert len(pred) == 3 * len(ROWS) and not pred.duplicated(["model", "strategy", "sample_id"]).any()
@@ -164,8 +172,9 @@ def test_interrupted_run_resumes_only_missing_partitions(
 
 
 def test_same_command_into_same_out_continues_and_a_different_one_is_refused(
-    tiny_model_dir: Path, inputs, tmp_path: Path
+    tiny_model_dir: Path, inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(PartitionWriter, "GROUP_SAMPLES", 1)  # a file per partition
     data, params = inputs
     out = tmp_path / "run"
     assert _eval(tiny_model_dir, data, params, out).exit_code == 0
@@ -227,9 +236,12 @@ def test_token_counts_do_not_depend_on_partition_size(tiny_model_dir: Path, inpu
     assert (ma["prefix_tokens_total"], mb["prefix_tokens_total"]) == (4 * ma["prefix_tokens"], 7 * mb["prefix_tokens"])
 
 
-def test_partitions_at_different_precisions_are_not_mixed(tiny_model_dir: Path, inputs, tmp_path: Path) -> None:
+def test_partitions_at_different_precisions_are_not_mixed(
+    tiny_model_dir: Path, inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tokmarg.rundir import parquet_meta, write_parquet
 
+    monkeypatch.setattr(PartitionWriter, "GROUP_SAMPLES", 1)  # a file per partition
     data, params = inputs
     out = tmp_path / "run"
     assert _eval(tiny_model_dir, data, params, out).exit_code == 0

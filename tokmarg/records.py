@@ -8,22 +8,18 @@ taxonomy (``unsafe`` first, null where the strategy gives the label no score), `
 and ``ranked`` lists of strings, ``extra`` a struct of the few per-strategy facts. No cell holds
 JSON text, so pandas, polars and DuckDB read the files as they are.
 
-:func:`strategy_results` turns predictions into :class:`StrategyResults`, one per model x
-strategy: the arrays the uncertainty step, the metrics and the report work on, built once.
-Files of runs written before the typed columns (JSON-text cells) are read through
-:func:`conform`.
+:mod:`tokmarg.columns` reads them back as arrays. Files of runs written before the typed columns
+(JSON-text cells) are read through :func:`conform`.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tokmarg.errors import TokmargError
 from tokmarg.strategies import SampleOutput
@@ -39,6 +35,20 @@ LEGACY_JSON = ("scores", "unexplored_by_label", "extra")  # JSON-text columns of
 
 class RecordError(TokmargError, ValueError):
     """A predictions table cannot be read as one; one line naming what is wrong."""
+
+
+# Parquet options of prediction files: dictionary-encode the repeated strings only (trying it on the
+# float columns made writing 3x slower for nothing)
+PARQUET_OPTIONS = {
+    "use_dictionary": [
+        "model",
+        "strategy",
+        "greedy_text",
+        "true_labels.list.element",
+        "pred_labels.list.element",
+        "ranked.list.element",
+    ]
+}
 
 
 def prediction_schema(labels: Sequence[str]) -> pa.Schema:
@@ -162,14 +172,17 @@ def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def conform(table: pa.Table, labels: Sequence[str]) -> pa.Table:
-    """``table`` in :func:`prediction_schema` (``labels``), JSON-text cells of an older run's file
-    turned into the typed columns; a column the file lacks is null.
+def conform(table: pa.Table, labels: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+    """``table`` in :func:`prediction_schema` (``labels``; only ``columns`` of it when given),
+    JSON-text cells of an older run's file turned into the typed columns; a column the file lacks
+    is null.
 
     Raises:
         RecordError: naming the column that cannot be read as its type.
     """
     schema = prediction_schema(labels)
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     cols = []
     for f in schema:
         if f.name not in table.column_names:
@@ -184,110 +197,6 @@ def conform(table: pa.Table, labels: Sequence[str]) -> pa.Table:
             what = f"JSON objects of numbers for {list(labels)}" if f.name in LEGACY_JSON else str(f.type)
             raise RecordError(f"column {f.name!r}: not {what} ({str(e).splitlines()[0]})") from None
     return pa.Table.from_arrays(cols, schema=schema)
-
-
-@dataclass
-class StrategyResults:
-    """One model x strategy over every sample, in the order of the run's sample ids."""
-
-    model: str
-    strategy: str
-    scores: np.ndarray | None  # (n, len(labels)) float, ``unsafe`` first, no score = 0; None: no scores at all
-    pred_labels: list[tuple[str, ...]]  # the codes each sample predicts (empty before the uncertainty step)
-    uncertainty: np.ndarray  # (n,) float, NaN where the strategy has none
-    ranked: list[tuple[str, ...]]  # codes by evidence, best first (uncertainty strategies)
-    gate_unsafe: np.ndarray  # (n,) float: 1 unsafe, 0 safe, NaN no gate
-    unsafe_in_output: np.ndarray  # (n,) bool: the greedy output says unsafe
-    tokens_forwarded: np.ndarray  # (n,) int
-    rows: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows in the table
-
-    def code_scores(self) -> np.ndarray | None:
-        """(n, len(codes)): the scores without the ``unsafe`` column."""
-        return None if self.scores is None else self.scores[:, 1:]
-
-    def named(self, codes: Sequence[str]) -> np.ndarray:
-        """(n, len(codes)) bool: the codes in ``pred_labels``."""
-        return label_matrix(self.pred_labels, codes)
-
-
-def label_matrix(labels: Iterable[Iterable[str]], codes: Sequence[str]) -> np.ndarray:
-    """(n, len(codes)) bool: which codes each sample is labelled with."""
-    rows = [set(lab) for lab in labels]
-    return np.array([[c in r for c in codes] for r in rows], dtype=bool).reshape(len(rows), len(codes))
-
-
-def _floats(col: pa.Array, fill: float) -> np.ndarray:
-    return pc.fill_null(pc.cast(col, pa.float64()), fill).to_numpy(zero_copy_only=False)
-
-
-def _score_matrix(col: pa.StructArray, labels: Sequence[str]) -> np.ndarray | None:
-    if col.null_count == len(col):
-        return None
-    present = {f.name for f in col.type}
-    cols = [_floats(pc.struct_field(col, [lab]), 0.0) if lab in present else np.zeros(len(col)) for lab in labels]
-    return np.stack(cols, axis=1) if cols else np.zeros((len(col), 0))
-
-
-def _lists(col: pa.Array) -> list[tuple[str, ...]]:
-    return [tuple(v) if v is not None else () for v in col.to_pylist()]
-
-
-def strategy_results(
-    table: pa.Table, sample_ids: Sequence[str], labels: Sequence[str]
-) -> dict[tuple[str, str], StrategyResults]:
-    """Every (model, strategy) of ``table`` as arrays in the order of ``sample_ids``.
-
-    Raises:
-        RecordError: a row's sample is not one of ``sample_ids``, or a model x strategy does
-            not have exactly one row per sample.
-    """
-    order = {s: i for i, s in enumerate(sample_ids)}
-    keys = table.select(["model", "strategy", "sample_id"]).to_pandas()
-    pos = keys["sample_id"].astype(str).map(order)
-    if pos.isna().any():
-        raise RecordError(f"sample {keys['sample_id'][pos.isna()].iloc[0]!r} is not one of the run's samples")
-    out = {}
-    for (model, strategy), g in keys.groupby(["model", "strategy"], sort=False):
-        p = pos[g.index].to_numpy(dtype=np.int64)
-        if len(p) != len(sample_ids) or len(set(p)) != len(p):
-            raise RecordError(
-                f"{model} / {strategy} has {len(p)} predictions, not one for each of the {len(sample_ids)} samples"
-            )
-        rows = g.index.to_numpy()[np.argsort(p)]
-        out[model, strategy] = _results(model, strategy, table.take(rows), labels, rows)
-    return out
-
-
-def _results(model: str, strategy: str, t: pa.Table, labels: Sequence[str], rows: np.ndarray) -> StrategyResults:
-    extra = t.column("extra").combine_chunks()
-    in_output = (
-        _floats(pc.struct_field(extra, ["unsafe_in_output"]), 0.0)
-        if "unsafe_in_output" in {f.name for f in extra.type}
-        else np.zeros(len(t))
-    )
-    gate = pc.cast(t.column("gate_unsafe"), pa.float64())
-    return StrategyResults(
-        model=model,
-        strategy=strategy,
-        scores=_score_matrix(t.column("scores").combine_chunks(), labels),
-        pred_labels=_lists(t.column("pred_labels")),
-        uncertainty=_floats(t.column("uncertainty"), np.nan),
-        ranked=_lists(t.column("ranked")),
-        gate_unsafe=_floats(gate, np.nan),
-        unsafe_in_output=in_output.astype(bool),
-        tokens_forwarded=t.column("tokens_forwarded").to_numpy(zero_copy_only=False).astype(np.int64),
-        rows=rows,
-    )
-
-
-def with_pred_labels(table: pa.Table, results: Iterable[StrategyResults]) -> pa.Table:
-    """``table`` with the ``pred_labels`` of ``results`` written into their rows."""
-    cells = table.column("pred_labels").to_pylist()
-    for r in results:
-        for row, labels in zip(r.rows, r.pred_labels):
-            cells[int(row)] = list(labels)
-    i = table.column_names.index("pred_labels")
-    return table.set_column(i, "pred_labels", pa.array(cells, type=pa.list_(pa.string())))
 
 
 @dataclass

@@ -1,8 +1,13 @@
 """Reduce finished partitions into predictions, metrics and cross-model tables (SPEC §3-4, §6).
 
 Runs on the driver once every partition is there: the uncertainty strategies' dataset-level
-step (t_opti) needs all samples of a model, so it happens here and not in the workers. Every
-step works on :class:`~tokmarg.records.StrategyResults`, the arrays of one model x strategy.
+step (t_opti) needs all samples of a model, so it happens here and not in the workers. The data
+goes one way, a model at a time: its partition files are read column-wise into arrays
+(:class:`~tokmarg.columns.ModelArrays`, each file opened once), the uncertainty thresholds are
+fitted, each strategy's metrics, F1-versus-threshold curve and reliability bins are computed from
+one sort of its scores, and the predictions file is written by streaming the partitions through
+once more with the fitted codes. What is kept across models is small: metrics rows, curves on
+a 101-point grid, bins, costs.
 """
 
 from __future__ import annotations
@@ -10,29 +15,49 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from tokmarg.columns import (
+    REDUCE_COLUMNS,
+    ModelArrays,
+    StrategyResults,
+    label_matrix,
+    positions_of,
+    with_fitted_labels,
+)
 from tokmarg.config import Config, ModelConfig
 from tokmarg.data import Dataset
-from tokmarg.metrics import HEADLINE, compute_metrics, generalization_table, ranking_agreement, threshold_transfer
+from tokmarg.metrics import (
+    ECE_BINS,
+    HEADLINE,
+    Ranking,
+    calibration_bins,
+    compute_metrics,
+    generalization_table,
+    ranking_agreement,
+    transfer_table,
+)
+from tokmarg.metrics.bootstrap import ROW_BOOTSTRAP_MAX
 from tokmarg.records import (
+    PARQUET_OPTIONS,
     Manifest,
     ModelSummary,
     PartitionMeta,
-    StrategyResults,
-    label_matrix,
-    strategy_results,
-    with_pred_labels,
+    RecordError,
+    conform,
+    prediction_schema,
 )
-from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, slug, write_parquet, write_table
+from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, parquet_writer, slug, write_parquet
 from tokmarg.strategies import REGISTRY
-from tokmarg.strategies.uncertainty import Calibration, fit_predictions
+from tokmarg.strategies.uncertainty import fit_top_k
 
 if TYPE_CHECKING:  # the worker imports the engine and transformers; the report needs neither
     from tokmarg.worker import Partition
@@ -40,43 +65,94 @@ if TYPE_CHECKING:  # the worker imports the engine and transformers; the report 
 TRANSFER_GRID = np.linspace(0.0, 1.0, 101)
 TRANSDUCTIVE_NOTE = "t_opti of the uncertainty strategies is fitted on the evaluated set's own labels (as the paper)"
 SPLIT_NOTE = "t_opti of the uncertainty strategies is cross-fitted on 2 held-out halves (seeded)"
+CURVES_DIR = "curves"  # RUN/curves/*.csv: per model x score strategy, what the report plots
+F1_CURVES = "f1_threshold_curves"
+RELIABILITY = "reliability"
+CURVE_COLUMNS = {
+    F1_CURVES: ["model", "strategy", "threshold", "f1_micro"],
+    RELIABILITY: ["model", "strategy", "bin_lo", "bin_hi", "n_pairs", "mean_score", "fraction_true"],
+}
 
-Results = Mapping[tuple[str, str], StrategyResults]
+
+@dataclass(frozen=True)
+class Truth:
+    """The run's samples as the reduce needs them: ids, true codes, the partitions' sample ranges."""
+
+    ids: pa.Array  # (n,) string
+    y_true: np.ndarray  # (n, len(codes)) bool
+    bounds: tuple[tuple[int, int], ...]  # partition index -> (start, stop)
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_safe(self) -> bool:
+        return bool((~self.y_true.any(axis=1)).any())
+
+    @classmethod
+    def of(cls, ds: Dataset, codes: list[str], parts: list[Partition]) -> Truth:
+        ids = pa.array([s.id for s in ds.samples], pa.string())
+        bounds = tuple((p.start, p.start + len(p.samples)) for p in parts)
+        return cls(ids, label_matrix([s.true_codes for s in ds.samples], codes), bounds)
+
+    def positions(self, sample_ids: pa.ChunkedArray, metas: list[PartitionMeta]) -> np.ndarray:
+        """Each row's sample position, for the rows of a file holding the partitions of ``metas``."""
+        for m in metas:
+            if not 0 <= m.index < len(self.bounds):
+                raise RecordError(f"holds partition {m.index}, which this run does not have")
+        spans = [self.bounds[m.index] for m in metas]
+        where = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, dtype=np.int64)
+        ids = pa.concat_arrays([self.ids.slice(a, b - a) for a, b in spans]) if spans else self.ids.slice(0, 0)
+        return positions_of(sample_ids, ids, where)
+
+
+@dataclass
+class Reduced:
+    """What the reduce keeps across models."""
+
+    metrics: list[dict] = field(default_factory=list)
+    f1: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # F1 at TRANSFER_GRID, score kinds
+    bins: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (ECE_BINS, 3), score kinds
+    t_opti: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    timing: dict[str, ModelSummary] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
 
 
 def fit_uncertainty(
-    results: Results, truth: Sequence[Sequence[str]], calibration: Calibration, seed: int
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Fill ``pred_labels`` of the fitted kinds' results (in place); model -> strategy -> t_opti."""
-    fitted: dict[str, dict[str, dict[str, float]]] = {}
-    for (model, strategy), r in results.items():
+    results: Mapping[str, StrategyResults], y_true: np.ndarray, calibration: str, seed: int
+) -> dict[str, dict[str, float]]:
+    """Set the predicted codes of the fitted kinds' results (in place); strategy -> t_opti."""
+    fitted: dict[str, dict[str, float]] = {}
+    for strategy, r in results.items():
         if not REGISTRY[strategy].kind.fitted:
             continue
         eligible = ~(r.gate_unsafe == 0.0)  # the gate called these safe: no codes, not in the fit
-        r.pred_labels, t = fit_predictions(r.uncertainty, r.ranked, eligible, truth, calibration, seed)
-        fitted.setdefault(model, {})[strategy] = t
+        keep, fitted[strategy] = fit_top_k(r.uncertainty, r.top, eligible, y_true, calibration, seed)  # type: ignore[arg-type]
+        r.set_top_k(keep)
     return fitted
 
 
 def metrics_row(
     r: StrategyResults,
     y_true: np.ndarray,
-    codes: Sequence[str],
+    codes: list[str],
     threshold: float,
     has_safe: bool,
     seed: int,
     n_boot: int = 1000,
+    ranking: Ranking | None = None,
 ) -> dict:
     """SPEC §3 metrics of one model x strategy."""
     kind = REGISTRY[r.strategy].kind
     y_score = r.code_scores()
-    y_pred = kind.codes(y_score, r.named(codes), threshold)
+    y_pred = kind.codes(y_score, r.named, threshold)
     u_kw: dict = {}
     if has_safe:
         u_score = None if r.scores is None else r.scores[:, 0]
         u_pred = kind.unsafe(u_score, y_pred, r.unsafe_in_output, threshold)
         u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
-    m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=seed, **u_kw)
+    m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=seed, ranking=ranking, **u_kw)
     fwd = r.tokens_forwarded
     return {
         "model": r.model,
@@ -87,13 +163,11 @@ def metrics_row(
     }
 
 
-def cross_model_tables(
-    metrics: pd.DataFrame, scores: Mapping[tuple[str, str], np.ndarray | None], y_true: np.ndarray
-) -> dict[str, pd.DataFrame]:
+def cross_model_tables(metrics: pd.DataFrame, f1: Mapping[tuple[str, str], np.ndarray]) -> dict[str, pd.DataFrame]:
     """SPEC §4 tables by file stem: generalization and ranking agreement per headline metric,
     threshold transfer of the score strategies. Empty with fewer than two models.
 
-    ``scores``: (model, strategy) -> (n, len(codes)) code scores in the sample order of ``y_true``.
+    ``f1``: (model, strategy) -> micro F1 at every threshold of :data:`TRANSFER_GRID`.
     """
     if metrics["model"].nunique() < 2:
         return {}
@@ -105,13 +179,50 @@ def cross_model_tables(
     for strategy in pd.unique(metrics["strategy"]):
         if not REGISTRY[strategy].kind.thresholded:
             continue
-        curves = {m: (y_true, ys) for (m, s), ys in scores.items() if s == strategy and ys is not None}
+        curves = {m: c for (m, s), c in f1.items() if s == strategy}
         if len(curves) >= 2:
-            transfers.append(threshold_transfer(curves, TRANSFER_GRID).assign(strategy=strategy))
+            transfers.append(transfer_table(curves, TRANSFER_GRID).assign(strategy=strategy))
     if transfers:
         t = pd.concat(transfers, ignore_index=True)
         tables["threshold_transfer"] = t[["strategy", *[c for c in t.columns if c != "strategy"]]]
     return tables
+
+
+def curve_frames(
+    f1: Mapping[tuple[str, str], np.ndarray], bins: Mapping[tuple[str, str], np.ndarray]
+) -> dict[str, pd.DataFrame]:
+    """The F1-versus-threshold curves and reliability bins as long frames (``CURVE_COLUMNS``)."""
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    f1_rows = [
+        pd.DataFrame({"model": m, "strategy": s, "threshold": TRANSFER_GRID, "f1_micro": c}) for (m, s), c in f1.items()
+    ]
+    rel = []
+    for (m, s), b in bins.items():
+        n, sc, y = b[:, 0], b[:, 1], b[:, 2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel.append(
+                pd.DataFrame(
+                    {
+                        "model": m,
+                        "strategy": s,
+                        "bin_lo": edges[:-1],
+                        "bin_hi": edges[1:],
+                        "n_pairs": n.astype(int),
+                        "mean_score": np.where(n > 0, sc / np.where(n > 0, n, 1), np.nan),
+                        "fraction_true": np.where(n > 0, y / np.where(n > 0, n, 1), np.nan),
+                    }
+                )
+            )
+    return {
+        F1_CURVES: pd.concat(f1_rows, ignore_index=True) if f1_rows else pd.DataFrame(columns=CURVE_COLUMNS[F1_CURVES]),
+        RELIABILITY: pd.concat(rel, ignore_index=True) if rel else pd.DataFrame(columns=CURVE_COLUMNS[RELIABILITY]),
+    }
+
+
+def score_curves(y_true: np.ndarray, ys: np.ndarray, ranking: Ranking | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Micro F1 at every threshold of :data:`TRANSFER_GRID` and the reliability bins of one strategy."""
+    ranking = ranking or Ranking.of(y_true, ys)
+    return ranking.f1_curve(TRANSFER_GRID), calibration_bins(y_true, ys, ECE_BINS)
 
 
 def versions() -> dict[str, str]:
@@ -137,38 +248,72 @@ def _same_precision(model: str, metas: list[PartitionMeta], rd: RunDir) -> None:
         )
 
 
-def _reduce_model(
-    cfg: Config, ds: Dataset, rd: RunDir, mc: ModelConfig, parts: list[Partition]
-) -> tuple[Results, dict, list[PartitionMeta]]:
-    """One model's partitions -> its predictions file (after the uncertainty step), its results
-    and fitted thresholds."""
-    expected = [(p.index, [s.id for s in p.samples]) for p in parts]
-    labels = cfg.taxonomy.labels
-    table, metas = rd.read_partitions(mc.name, expected, list(cfg.strategies), labels)
+def _read_model(
+    cfg: Config, truth: Truth, rd: RunDir, model: str
+) -> tuple[ModelArrays, dict[str, StrategyResults], list[PartitionMeta]]:
+    """A model's partition files read column-wise into arrays (each file opened once), every
+    partition held by exactly one file and every strategy holding one row per sample."""
+    labels = list(cfg.taxonomy.labels)
+    arrays = ModelArrays(model, list(cfg.strategies), truth.n, labels)
+    metas: list[PartitionMeta] = []
+    held: dict[int, Path] = {}
+    for path in rd.partition_files(model):
+        table, fm = rd.read_partition_file(path, REDUCE_COLUMNS)
+        try:
+            table = conform(table, labels, REDUCE_COLUMNS)
+            arrays.add(table, truth.positions(table.column("sample_id"), fm))
+        except RecordError as e:
+            raise RunError(f"{path}: {e}; delete it and resume to recompute it") from None
+        for m in fm:
+            if m.index in held:
+                raise RunError(f"{path} and {held[m.index]} both hold partition {m.index}; delete one and resume")
+            held[m.index] = path
+        metas.extend(fm)
+    missing = sorted(set(range(len(truth.bounds))) - set(held))
+    if missing:
+        raise RunError(
+            f"{rd.part_path(model, missing[0])}: partition {missing[0]} of model {model!r} is missing "
+            f"({len(missing)} in all); run `tokmarg eval --resume {rd.path}` to compute it"
+        )
+    try:
+        return arrays, arrays.results(), metas
+    except RecordError as e:
+        raise RunError(f"{rd.path / 'partitions' / slug(model)}: {e}; delete it and resume to recompute it") from None
+
+
+def _write_predictions(
+    cfg: Config, truth: Truth, rd: RunDir, model: str, arrays: ModelArrays, results: Mapping[str, StrategyResults]
+) -> None:
+    """``predictions/<model>.parquet``: the partition files streamed through once more, a file at
+    a time, with the fitted kinds' ``pred_labels`` set."""
+    labels = list(cfg.taxonomy.labels)
+    codes = list(cfg.taxonomy.codes)
+    schema = prediction_schema(labels)
+    fitted = [results[s] if results[s].keep is not None else None for s in arrays.strategies]
+    with parquet_writer(rd.path / "predictions" / f"{slug(model)}.parquet", schema, **PARQUET_OPTIONS) as w:
+        for path in rd.partition_files(model):
+            table, fm = rd.read_partition_file(path, schema.names)
+            table = conform(table, labels)
+            pos = truth.positions(table.column("sample_id"), fm)
+            w.write_table(with_fitted_labels(table, arrays.strategy_index(table), pos, fitted, codes))
+
+
+def _reduce_model(cfg: Config, truth: Truth, rd: RunDir, mc: ModelConfig, red: Reduced, load: float | None) -> None:
+    """One model: read, fit, measure each strategy (metrics, curves), write its predictions."""
+    arrays, results, metas = _read_model(cfg, truth, rd, mc.name)
     _same_precision(mc.name, metas, rd)
-    results = strategy_results(table, [s.id for s in ds.samples], labels)
-    fitted = fit_uncertainty(results, [s.true_codes for s in ds.samples], cfg.calibration, cfg.seed).get(mc.name, {})
-    write_table(with_pred_labels(table, results.values()), rd.path / "predictions" / f"{slug(mc.name)}.parquet")
-    return results, fitted, metas
-
-
-def _metrics(
-    cfg: Config, ds: Dataset, results: Results, y_true: np.ndarray, timing: dict[str, ModelSummary]
-) -> pd.DataFrame:
-    """metrics.csv: one row per model x strategy (SPEC §3), with its cost."""
-    codes = cfg.taxonomy.codes
-    params = {m.name: m.params for m in cfg.models}
-    metrics = pd.DataFrame(
-        [metrics_row(r, y_true, codes, params[m][s].threshold, ds.has_safe, cfg.seed) for (m, s), r in results.items()]
-    )
-    # reference: each strategy's own time; fast: the strategies share forwards, so every row
-    # shows the time of all of them together
-    n = max(1, len(ds.samples))
-    metrics["seconds_per_sample"] = [
-        timing[m].seconds.get(s, timing[m].seconds.get("all", float("nan"))) / n
-        for m, s in zip(metrics.model, metrics.strategy)
-    ]
-    return metrics
+    red.t_opti[mc.name] = fit_uncertainty(results, truth.y_true, cfg.calibration, cfg.seed)
+    codes = list(cfg.taxonomy.codes)
+    for s, r in results.items():
+        ys = r.code_scores()
+        ranking = None if ys is None else Ranking.of(truth.y_true, ys, keep_pairs=truth.n > ROW_BOOTSTRAP_MAX)
+        threshold = mc.params[s].threshold
+        red.metrics.append(metrics_row(r, truth.y_true, codes, threshold, truth.has_safe, cfg.seed, ranking=ranking))
+        if ys is not None and REGISTRY[s].kind.thresholded:
+            red.f1[mc.name, s], red.bins[mc.name, s] = score_curves(truth.y_true, ys, ranking)
+    red.tokens[mc.name] = int(sum(int(r.tokens_forwarded.sum()) for r in results.values()))
+    red.timing[mc.name] = ModelSummary.of(metas, load)
+    _write_predictions(cfg, truth, rd, mc.name, arrays, results)
 
 
 def reduce_run(
@@ -181,19 +326,17 @@ def reduce_run(
     done_before: int,
     started: str,
 ) -> tuple[pd.DataFrame, Manifest]:
-    """Write predictions, labels, metrics, cross-model tables and, last, the manifest."""
-    results: dict[tuple[str, str], StrategyResults] = {}
-    timing, thresholds = {}, {}
+    """Write predictions, labels, metrics, curves, cross-model tables and, last, the manifest."""
+    truth = Truth.of(ds, list(cfg.taxonomy.codes), parts)
     # the first of each model's workers that loaded (some never did: released before they were ready)
     loads = {
         w["model"]: w["load_seconds"] for w in reversed(launch.get("workers", [])) if w.get("load_seconds") is not None
     }
+    red = Reduced()
     for mc in cfg.models:
-        res, thresholds[mc.name], metas = _reduce_model(cfg, ds, rd, mc, parts)
-        results.update(res)
-        timing[mc.name] = ModelSummary.of(metas, loads.get(mc.name))
-    metrics, tables = _write_tables(cfg, ds, rd.path, results, timing)
-    manifest = _manifest(cfg, ds, record, parts, launch, done_before, started, results, timing, thresholds, tables)
+        _reduce_model(cfg, truth, rd, mc, red, loads.get(mc.name))
+    metrics, tables = _write_tables(cfg, ds, rd.path, red)
+    manifest = _manifest(cfg, ds, record, parts, launch, done_before, started, red, tables)
     atomic_write(rd.path / "manifest.json", (json.dumps(manifest.to_dict(), indent=2, default=str) + "\n").encode())
     return metrics, manifest
 
@@ -206,16 +349,12 @@ def _manifest(
     launch: dict,
     done_before: int,
     started: str,
-    results: Results,
-    timing: dict[str, ModelSummary],
-    thresholds: dict,
+    red: Reduced,
     tables: dict[str, pd.DataFrame],
 ) -> Manifest:
     """What the run was, how it ran and what it cost."""
     job = record["job"]
-    tokens = dict.fromkeys(job["models"], 0)
-    for (m, _), r in results.items():
-        tokens[m] += int(r.tokens_forwarded.sum())
+    tokens = {m: red.tokens.get(m, 0) for m in job["models"]}
     manifest = Manifest(
         command=record.get("command", ""),
         models=job["models"],
@@ -224,7 +363,7 @@ def _manifest(
         engine=job["engine"],
         calibration=cfg.calibration,
         calibration_note=TRANSDUCTIVE_NOTE if cfg.calibration == "transductive" else SPLIT_NOTE,
-        t_opti=thresholds,
+        t_opti=red.t_opti,
         params_file=cfg.path,
         # where params and dataset came from: the command line, the working directory, or the
         # defaults packaged with tokmarg (no --params / --dataset, none in the working directory)
@@ -242,7 +381,7 @@ def _manifest(
         partition_size=job["partition_size"],
         partitions={"per_model": len(parts), "done_before_this_session": done_before},
         launch=launch,
-        timing=timing,
+        timing=red.timing,
         tokens_forwarded=tokens,
         tables=sorted(f"tables/{n}.csv" for n in tables),
         versions=versions(),
@@ -253,17 +392,23 @@ def _manifest(
     return manifest
 
 
-def _write_tables(
-    cfg: Config, ds: Dataset, out: Path, results: Results, timing: dict[str, ModelSummary]
-) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """labels.parquet, metrics.csv and tables/*.csv; returns the metrics and the tables."""
+def _write_tables(cfg: Config, ds: Dataset, out: Path, red: Reduced) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """labels.parquet, metrics.csv, curves/*.csv and tables/*.csv; returns the metrics and the tables."""
     # the truth beside the predictions: a report needs no dataset file (runs may combine across machines)
     labels = pd.DataFrame({"sample_id": [s.id for s in ds.samples], "labels": [list(s.true_codes) for s in ds.samples]})
     write_parquet(labels, out / LABELS_FILE, {"codes": list(cfg.taxonomy.codes), "dataset_sha256": ds.sha256})
-    y_true = label_matrix((s.true_codes for s in ds.samples), cfg.taxonomy.codes)
-    metrics = _metrics(cfg, ds, results, y_true, timing)
+    metrics = pd.DataFrame(red.metrics)
+    # reference: each strategy's own time; fast: the strategies share forwards, so every row
+    # shows the time of all of them together
+    n = max(1, len(ds.samples))
+    metrics["seconds_per_sample"] = [
+        red.timing[m].seconds.get(s, red.timing[m].seconds.get("all", float("nan"))) / n
+        for m, s in zip(metrics.model, metrics.strategy)
+    ]
     atomic_write(out / "metrics.csv", metrics.to_csv(index=False).encode())
-    tables = cross_model_tables(metrics, {k: r.code_scores() for k, r in results.items()}, y_true)
+    for name, frame in curve_frames(red.f1, red.bins).items():
+        atomic_write(out / CURVES_DIR / f"{name}.csv", frame.to_csv(index=False).encode())
+    tables = cross_model_tables(metrics, red.f1)
     for name, t in tables.items():
         atomic_write(out / "tables" / f"{name}.csv", t.to_csv(index=False).encode())
     return metrics, tables

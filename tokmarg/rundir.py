@@ -3,25 +3,28 @@
 Layout (SPEC §6)::
 
     RUN/run.json                                  the job: inputs, settings and fingerprints
-    RUN/partitions/<model>/part-00003.parquet     one per model x partition, written atomically
+    RUN/partitions/<model>/part-00003.parquet     finished partitions of a model (3 and maybe others), atomically
     RUN/predictions/<model>.parquet               reduced, after the uncertainty step
     RUN/metrics.csv, RUN/tables/*.csv             metrics and cross-model tables
     RUN/manifest.json                             written last: the run is complete
 
-A partition is done when its file exists: files are written under a temporary name and
-renamed, so a file is never half there, and a partition that was computed twice is
-written once. ``run.json`` appears with the first finished partition, so a run that fails
-before any work is done leaves nothing behind.
+A partition is done when a file holds it. The driver writes partitions that finished close
+together as one file (:class:`PartitionWriter`), named by the first of them, its metadata listing
+them all; files are written under a temporary name and renamed, so a file is never half there,
+and a partition that was computed twice is written once. ``run.json`` appears with the first
+finished partition, so a run that fails before any work is done leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokmarg.errors import TokmargError
-from tokmarg.records import PartitionMeta, PartitionResult, RecordError, conform, prediction_schema
+from tokmarg.records import PARQUET_OPTIONS, PartitionMeta, PartitionResult
 
 RUN_FILE = "run.json"
 LABELS_FILE = "labels.parquet"  # the true labels beside the predictions (written by the reduce)
@@ -69,13 +72,36 @@ def write_parquet(df: pd.DataFrame, path: Path, meta: dict | None = None) -> Non
     write_table(pa.Table.from_pandas(df, preserve_index=False), path, meta)
 
 
-def write_table(table: pa.Table, path: Path, meta: dict | None = None) -> None:
-    """Write an Arrow table as Parquet, atomically; ``meta`` goes into the schema metadata."""
+def write_table(table: pa.Table, path: Path, meta: dict | None = None, **options: object) -> None:
+    """Write an Arrow table as Parquet, atomically; ``meta`` goes into the schema metadata,
+    ``options`` to ``pyarrow.parquet.write_table``."""
     if meta is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"tokmarg": json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, **options)
     atomic_write(path, sink.getvalue().to_pybytes())
+
+
+@contextlib.contextmanager
+def parquet_writer(
+    path: Path, schema: pa.Schema, meta: dict | None = None, **options: object
+) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer whose file appears at ``path`` only once it is closed without error
+    (written under a temporary name, then renamed): tables are streamed in, never held whole."""
+    if meta is not None:
+        schema = schema.with_metadata({**(schema.metadata or {}), b"tokmarg": json.dumps(meta).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema, **options) as w:
+            yield w
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def parquet_meta(path: Path) -> dict:
@@ -109,6 +135,7 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock: int | None = None
+        self._done: dict[str, set[int]] = {}  # model -> partitions held by a file (once looked up)
 
     def lock(self) -> None:
         """Hold ``RUN/.lock`` while this driver works on the run: a second driver is refused."""
@@ -166,42 +193,63 @@ class RunDir:
             atomic_write(self.run_file, (json.dumps(record, indent=2, default=str) + "\n").encode())
 
     def part_path(self, model: str, index: int) -> Path:
+        """The file a group of partitions starting at ``index`` is written to."""
         return self.path / "partitions" / slug(model) / f"part-{index:05d}.parquet"
 
+    def partition_files(self, model: str) -> Iterator[Path]:
+        yield from sorted((self.path / "partitions" / slug(model)).glob("part-*.parquet"))
+
     def done(self, model: str, n_parts: int) -> set[int]:
-        return {i for i in range(n_parts) if self.part_path(model, i).is_file()}
+        """The partitions of ``model`` some file holds (read from the files' metadata)."""
+        held: set[int] = set()
+        for path in self.partition_files(model):
+            held.update(m.index for m in self._metas(path, parquet_meta(path)))
+        self._done[model] = held
+        return {i for i in held if i < n_parts}
 
-    def write_partition(self, result: PartitionResult, labels: Sequence[str]) -> bool:
-        """Write one finished partition; False (and nothing written) if it is already there."""
-        path = self.part_path(result.model, result.index)
-        if path.exists():
-            return False
-        write_table(result.table(labels), path, result.meta.to_dict())
-        return True
+    def write_partitions(self, results: Sequence[PartitionResult], labels: Sequence[str]) -> int:
+        """Write finished partitions of one model as one file, less those already written;
+        returns how many it wrote."""
+        if not results:
+            return 0
+        model = results[0].model
+        done = self._done.get(model)
+        if done is None:
+            self.done(model, 1 << 62)
+            done = self._done[model]
+        fresh = sorted({r.index: r for r in results if r.index not in done}.values(), key=lambda r: r.index)
+        if not fresh:
+            return 0
+        metas = [r.meta.to_dict() for r in fresh]
+        table = pa.concat_tables([r.table(labels) for r in fresh])
+        meta = metas[0] if len(metas) == 1 else {"partitions": metas}
+        write_table(table, self.part_path(model, fresh[0].index), meta, **PARQUET_OPTIONS)
+        done.update(r.index for r in fresh)
+        return len(fresh)
 
-    def read_partitions(
-        self, model: str, expected: Iterable[tuple[int, list[str]]], strategies: list[str], labels: Sequence[str]
-    ) -> tuple[pa.Table, list[PartitionMeta]]:
-        """All partitions of a model in order, each checked to hold exactly its samples x strategies."""
-        tables, metas = [], []
-        for index, ids in expected:
-            path = self.part_path(model, index)
-            if not path.is_file():
-                raise RunError(f"{path}: missing; run `tokmarg eval --resume {self.path}` to compute it")
-            try:
-                t = conform(pq.read_table(path), labels)
-            except (RecordError, OSError, pa.ArrowException) as e:
-                raise RunError(f"{path}: {str(e).splitlines()[0]}; delete it and resume to recompute it") from None
-            got = sorted(zip(t.column("strategy").to_pylist(), t.column("sample_id").to_pylist()))
-            want = sorted((s, i) for s in strategies for i in ids)
-            if got != want or set(t.column("model").to_pylist()) != {model}:
-                raise RunError(
-                    f"{path}: does not hold exactly the {len(want)} results of model {model!r}, partition {index} "
-                    f"(it has {len(got)}); delete it and resume to recompute it"
-                )
-            tables.append(t)
-            metas.append(PartitionMeta.from_dict(parquet_meta(path)))
-        return pa.concat_tables(tables) if tables else prediction_schema(labels).empty_table(), metas
+    @staticmethod
+    def _metas(path: Path, meta: dict) -> list[PartitionMeta]:
+        """The partitions a file holds, in row order (a file of one partition: its meta alone)."""
+        try:
+            return (
+                [PartitionMeta.from_dict(m) for m in meta["partitions"]]
+                if "partitions" in meta
+                else [PartitionMeta.from_dict(meta)]
+            )
+        except (TypeError, KeyError) as e:
+            raise RunError(
+                f"{path}: its metadata names no partitions ({e}); delete it and resume to recompute it"
+            ) from None
+
+    def read_partition_file(self, path: Path, columns: Sequence[str]) -> tuple[pa.Table, list[PartitionMeta]]:
+        """The ``columns`` of one partition file and the partitions it holds (one open)."""
+        try:
+            f = pq.ParquetFile(path)
+            meta = json.loads((f.schema_arrow.metadata or {}).get(b"tokmarg", b"{}"))
+            present = [c for c in columns if c in f.schema_arrow.names]
+            return f.read(columns=present), self._metas(path, meta)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise RunError(f"{path}: {str(e).splitlines()[0]}; delete it and resume to recompute it") from None
 
     def clean_temporaries(self) -> int:
         """Remove temporary files an interrupted writer left behind; returns how many."""
@@ -211,6 +259,52 @@ class RunDir:
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+
+FILE_SAMPLES_ENV = "TOKMARG_FILE_SAMPLES"  # samples per partition file (1: every partition as it finishes)
+
+
+class PartitionWriter:
+    """Buffers finished partitions and writes each model's as one file once they hold
+    ``group_samples`` samples or the oldest waited ``max_wait`` seconds, and at :meth:`flush`: a
+    million samples make a few hundred files, not one per partition. What a crash loses is the
+    buffer, which a resume computes again."""
+
+    GROUP_SAMPLES = 8192
+    MAX_WAIT = 60.0  # seconds
+
+    def __init__(
+        self, rd: RunDir, labels: Sequence[str], group_samples: int | None = None, max_wait: float | None = None
+    ) -> None:
+        self.rd, self.labels = rd, list(labels)
+        if group_samples is None:
+            env = os.environ.get(FILE_SAMPLES_ENV, str(self.GROUP_SAMPLES))
+            if not env.isdigit() or int(env) < 1:
+                raise RunError(f"{FILE_SAMPLES_ENV}={env!r}: must be a whole number >= 1")
+            group_samples = int(env)
+        self.group_samples = group_samples
+        self.max_wait = self.MAX_WAIT if max_wait is None else max_wait
+        self._buf: dict[str, list[PartitionResult]] = {}
+        self._since: dict[str, float] = {}
+        self.written = 0
+
+    def add(self, result: PartitionResult) -> None:
+        buf = self._buf.setdefault(result.model, [])
+        self._since.setdefault(result.model, time.monotonic())
+        buf.append(result)
+        if sum(len(r.sample_ids) for r in buf) >= self.group_samples or (
+            time.monotonic() - self._since[result.model] >= self.max_wait
+        ):
+            self._write(result.model)
+
+    def _write(self, model: str) -> None:
+        self.written += self.rd.write_partitions(self._buf.pop(model, []), self.labels)
+        self._since.pop(model, None)
+
+    def flush(self) -> None:
+        """Write everything buffered."""
+        for model in list(self._buf):
+            self._write(model)
 
 
 def now() -> str:

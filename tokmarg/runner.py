@@ -26,7 +26,7 @@ from tokmarg.progress import Progress
 from tokmarg.prompts import BUILTIN_FORMATS
 from tokmarg.records import Manifest, PartitionResult
 from tokmarg.reduce import reduce_run
-from tokmarg.rundir import FORMAT, RunDir, RunError, file_sha256, now, plan, slug
+from tokmarg.rundir import FORMAT, PartitionWriter, RunDir, RunError, file_sha256, now, plan, slug
 from tokmarg.settings import EvalSettings
 from tokmarg.worker import Partition, WorkerSpec
 
@@ -174,14 +174,14 @@ def _score(
     ]
     sizes = {p.index: len(p.samples) for p in parts}
     progress = Progress(cfg, ds, done, sizes, settings.progress)
-    written = 0
+    writer = PartitionWriter(rd, cfg.taxonomy.labels)
+    seen: set[tuple[str, int]] = set()
 
     def on_result(res: PartitionResult) -> None:
-        nonlocal written
         rd.create(record)  # the first finished partition makes the directory a run
-        res = dataclasses.replace(res, meta=dataclasses.replace(res.meta, finished=now()))
-        if rd.write_partition(res, cfg.taxonomy.labels):
-            written += 1
+        writer.add(dataclasses.replace(res, meta=dataclasses.replace(res.meta, finished=now())))
+        if (res.model, res.index) not in seen:  # a retried partition counts once
+            seen.add((res.model, res.index))
             progress.advance(res.model, sizes[res.index])
 
     try:
@@ -191,6 +191,7 @@ def _score(
         launcher.run(work, on_result, progress.state)
         info = {**launcher.info(), "start_seconds": t1 - t0, "run_seconds": time.perf_counter() - t1}
     finally:
+        writer.flush()  # what finished is kept, also when the run stops on an error
         progress.close()
         launcher.close()
-    return {**info, "partitions_run": written}
+    return {**info, "partitions_run": writer.written}

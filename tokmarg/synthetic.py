@@ -10,7 +10,9 @@
   lm_head is scaled so the next-token distributions are as peaked as a guard model's (at the
   default ``logit_std`` the nucleus at top_p 0.99 has a median of about 2 tokens).
 
-``python -m tokmarg.synthetic OUT_DIR [--shape tiny] [--logit-std 19.2]`` writes such a model.
+``python -m tokmarg.synthetic OUT_DIR [--shape tiny] [--logit-std 19.2]`` writes such a model;
+``python -m tokmarg.synthetic run OUT --samples N --models K [--seed S]`` a finished run of that
+size without a model (:mod:`tokmarg.scalerun`), the scale benchmark of the reduce and the report.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import hashlib
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 from tokmarg.errors import TokmargError
@@ -281,7 +284,26 @@ def random_multimodal(  # noqa: ANN201 - a transformers model
     return model.eval()
 
 
+def _run_main(argv: list[str]) -> None:
+    from tokmarg.scalerun import write_run
+
+    ap = argparse.ArgumentParser(prog="python -m tokmarg.synthetic run", description=write_run.__doc__)
+    ap.add_argument("out", type=Path, help="run directory to write (new or empty)")
+    ap.add_argument("--samples", type=int, required=True)
+    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--partitions-per-file", type=int, default=None, help="1: the layout older versions read")
+    args = ap.parse_args(argv)
+    try:
+        print(write_run(args.out, args.samples, args.models, args.seed, args.partitions_per_file))
+    except TokmargError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return _run_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m tokmarg.synthetic", description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="model directory to write")
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))

@@ -9,6 +9,7 @@ Built in: ``llama_guard_3`` (S1..S14) and ``llama_guard_2`` (S1..S11), as the pa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from tokmarg.errors import TokmargError
@@ -29,7 +30,7 @@ class Taxonomy:
     family: str = ""  # taxonomies of one family name the same categories by the same codes ("": its name)
     every: tuple[Category, ...] = ()  # with some excluded: every category, in the original order
 
-    @property
+    @functools.cached_property
     def codes(self) -> tuple[str, ...]:
         return tuple(c.code for c in self.categories)
 

@@ -8,7 +8,7 @@ with the cluster's own auth mode (:mod:`tokmarg.launch.auth`).
 
 More actors than the nodes hold at once run in waves (:mod:`tokmarg.launch.waves`, which also
 has the failure rules: no lost work, late copies ignored). Results come back to the driver,
-which alone writes them (once: see :meth:`tokmarg.rundir.RunDir.write_partition`).
+which alone writes them (once: see :meth:`tokmarg.rundir.RunDir.write_partitions`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,51 @@
-"""Vectorized row bootstrap of the headline metrics (micro F1, Hamming loss, micro ROC AUC).
+"""95% intervals of the headline metrics (micro F1, Hamming loss, micro ROC AUC).
 
-A resample is represented by the multiplicity of every row (how many times it was drawn), so the
-metric of a resample is a weighted metric of the original rows: micro F1 and Hamming loss become
-matrix products, micro ROC AUC a weighted rank statistic over the flattened (row, code) pairs.
+Up to :data:`ROW_BOOTSTRAP_MAX` rows: the seeded row bootstrap. A resample is the multiplicity of
+every row (how many times it was drawn), so the metric of a resample is a weighted metric of the
+original rows: micro F1 and Hamming loss become matrix products, micro ROC AUC a weighted rank
+statistic over the flattened (row, code) pairs. That is a resamples x rows matrix, so above the
+limit no such matrix is built:
+
+* micro F1 and Hamming loss depend on a row only through its (tp, fp, fn) counts, and rows with
+  equal counts are interchangeable. A resample's draws per group of equal rows are multinomial
+  (n, group size / n), so the row bootstrap is drawn per group: the same distribution at a cost of
+  resamples x groups (a few dozen groups at 14 codes), whatever n is;
+* micro ROC AUC gets DeLong's interval with the rows as clusters
+  (:func:`tokmarg.metrics.ranking.clustered_delong`), one sort.
+
+Every interval says how it was made (:class:`Interval`), and ``metrics.csv`` carries that.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from tokmarg.metrics.ranking import Ranking, clustered_delong
+
+ROW_BOOTSTRAP_MAX = 5_000  # rows up to which the resamples x rows bootstrap is drawn as before
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
+BOOTSTRAP = "bootstrap"  # seeded row resamples, each materialized
+GROUPED = "bootstrap-grouped"  # seeded row resamples, drawn per group of equal rows
+DELONG = "delong-clustered"  # DeLong's variance, rows as clusters; a normal interval clipped to [0, 1]
+METHODS = {
+    BOOTSTRAP: "seeded row bootstrap",
+    GROUPED: "seeded row bootstrap drawn per group of equal rows",
+    DELONG: "DeLong's variance with the rows as clusters (normal interval)",
+}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A 95% interval and how it was made: ``method`` one of :data:`METHODS`, ``replicates`` the
+    resamples drawn (0 for DeLong)."""
+
+    lo: float
+    hi: float
+    method: str
+    replicates: int
+
 
 _CHUNK_ELEMS = 4_000_000  # resamples x flattened pairs held at once in the AUC step
 
@@ -65,6 +103,58 @@ def _percentiles(values: np.ndarray) -> tuple[float, float]:
         return float("nan"), float("nan")
     lo, hi = np.percentile(v, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def headline_intervals(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    y_score: np.ndarray | None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ranking: Ranking | None = None,
+) -> dict[str, Interval]:
+    """95% intervals of micro F1, Hamming loss and micro ROC AUC (the module docstring says which
+    method at which size). ``y_true`` / ``y_pred`` (n, k) bool, ``y_score`` (n, k) float or None;
+    ``ranking`` theirs if the caller has it (made with ``keep_pairs``)."""
+    yt = np.asarray(y_true, dtype=bool)
+    yp = np.asarray(y_pred, dtype=bool)
+    n = yt.shape[0]
+    if n <= ROW_BOOTSTRAP_MAX:
+        return {
+            m: Interval(lo, hi, BOOTSTRAP, n_boot)
+            for m, (lo, hi) in bootstrap_headline(yt, yp, y_score, n_boot=n_boot, seed=seed).items()
+        }
+    out = {
+        m: Interval(lo, hi, GROUPED, n_boot)
+        for m, (lo, hi) in grouped_bootstrap(yt, yp, n_boot=n_boot, seed=seed).items()
+    }
+    out["roc_auc_micro"] = Interval(float("nan"), float("nan"), DELONG, 0)
+    if y_score is not None:
+        auc, var = clustered_delong(yt, y_score, ranking)
+        if not np.isnan(var):
+            half = Z95 * float(np.sqrt(max(var, 0.0)))
+            out["roc_auc_micro"] = Interval(max(0.0, auc - half), min(1.0, auc + half), DELONG, 0)
+    return out
+
+
+def grouped_bootstrap(
+    y_true: np.ndarray, y_pred: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Row-bootstrap percentile intervals of micro F1 and Hamming loss, drawn per group of rows
+    with equal (tp, fp, fn): a resample's draws of the groups are multinomial (n, size / n)."""
+    n, k = y_true.shape
+    nan2 = (float("nan"), float("nan"))
+    if n_boot <= 0 or n == 0 or k == 0:
+        return {"f1_micro": nan2, "hamming_loss": nan2}
+    tp, fp, fn = ((y_true & y_pred).sum(axis=1), (~y_true & y_pred).sum(axis=1), (y_true & ~y_pred).sum(axis=1))
+    key, size = np.unique((tp * (k + 1) + fp) * (k + 1) + fn, return_counts=True)  # one key per distinct row
+    groups = np.stack([key // (k + 1) ** 2, key // (k + 1) % (k + 1), key % (k + 1)], axis=1)  # (G, 3) tp, fp, fn
+    draws = np.random.default_rng(seed).multinomial(n, size / n, size=n_boot).astype(float)  # (n_boot, G)
+    tp, fp, fn = (draws @ groups.astype(float)).T
+    den = 2 * tp + fp + fn
+    f1 = np.where(den > 0, 2 * tp / np.where(den > 0, den, 1.0), 0.0)
+    return {"f1_micro": _percentiles(f1), "hamming_loss": _percentiles((fp + fn) / (n * k))}
 
 
 def bootstrap_headline(

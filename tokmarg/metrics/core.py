@@ -5,14 +5,13 @@ Everything here is a pure function of arrays: no model, no file I/O, no printing
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tokmarg.metrics.bootstrap import bootstrap_headline
+from tokmarg.metrics.bootstrap import ROW_BOOTSTRAP_MAX, headline_intervals
+from tokmarg.metrics.ranking import Ranking
 
 
 class Headline(NamedTuple):
@@ -49,23 +48,15 @@ def _f1_from_counts(tp: float, fp: float, fn: float) -> float:
 
 
 def _safe_auc(y: np.ndarray, s: np.ndarray) -> float:
-    """ROC AUC of binary labels ``y`` (m,) against scores ``s`` (m,); NaN when ``y`` is one class."""
-    y = np.asarray(y, dtype=bool)
-    if y.size == 0 or y.all() or not y.any():
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(roc_auc_score(y, s))
+    """ROC AUC of binary labels ``y`` (m,) against scores ``s`` (m,) (scikit-learn's value);
+    NaN when ``y`` is one class."""
+    return Ranking.of(y, s).roc_auc()
 
 
 def _safe_ap(y: np.ndarray, s: np.ndarray) -> float:
-    """Average precision of ``y`` (m,) against ``s`` (m,); NaN when ``y`` has no positive (undefined)."""
-    y = np.asarray(y, dtype=bool)
-    if y.size == 0 or not y.any():
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(average_precision_score(y, s))
+    """Average precision of ``y`` (m,) against ``s`` (m,) (scikit-learn's value); NaN when ``y``
+    has no positive (undefined)."""
+    return Ranking.of(y, s).average_precision()
 
 
 def calibration_bins(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
@@ -157,7 +148,8 @@ def compute_metrics(
     unsafe_pred: np.ndarray | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-) -> dict[str, float]:
+    ranking: Ranking | None = None,
+) -> dict[str, float | str]:
     """All SPEC §3 metrics for one (model, strategy).
 
     Args:
@@ -170,11 +162,13 @@ def compute_metrics(
         unsafe_pred: (n,) bool, predicted unsafe; defaults to ``unsafe_score >= 0.5``.
         n_boot: bootstrap resamples for the headline CIs (0 gives NaN CIs).
         seed: seed of ``np.random.default_rng`` for the bootstrap.
+        ranking: ``Ranking.of(y_true, y_score, keep_pairs=True)`` when the caller has it (one sort saved).
 
     Returns:
         Flat dict: ``n_samples``, ``f1_micro``, ``f1_macro``, ``hamming_loss``, ``roc_auc_micro``,
         ``pr_auc_micro``, ``ece``, ``brier``, ``f1/<code>``, ``roc_auc/<code>``, the ``unsafe_*`` keys when
-        ``unsafe_true`` is given, and ``<m>_lo`` / ``<m>_hi`` for each ``m`` in ``HEADLINE``.
+        ``unsafe_true`` is given, and ``<m>_lo`` / ``<m>_hi`` / ``<m>_ci_method`` / ``<m>_ci_replicates`` for
+        each ``m`` in ``HEADLINE`` (:mod:`tokmarg.metrics.bootstrap`).
         Undefined values are NaN (ROC AUC when y_true is one class, PR AUC without positives, every
         score-based metric when ``y_score`` is None).
     """
@@ -185,13 +179,15 @@ def compute_metrics(
     fp_c = (~yt & yp).sum(axis=0)
     fn_c = (yt & ~yp).sum(axis=0)
     per_f1 = [_f1_from_counts(tp_c[j], fp_c[j], fn_c[j]) for j in range(k)]
-    out: dict[str, float] = {
+    out: dict[str, float | str] = {
         "n_samples": n,
         "f1_micro": _f1_from_counts(tp_c.sum(), fp_c.sum(), fn_c.sum()),
         "f1_macro": float(np.mean(per_f1)) if k else nan,
         "hamming_loss": float(np.mean(yt != yp)) if yt.size else nan,
     }
-    out.update(_score_metrics(yt, ys))
+    if ys is not None and ranking is None:
+        ranking = Ranking.of(yt, ys, keep_pairs=n > ROW_BOOTSTRAP_MAX)
+    out.update(_score_metrics(yt, ys, ranking))
     for j, code in enumerate(codes):
         out[f"f1/{code}"] = per_f1[j]
         out[f"roc_auc/{code}"] = _safe_auc(yt[:, j], ys[:, j]) if ys is not None else nan
@@ -199,10 +195,11 @@ def compute_metrics(
         if np.asarray(unsafe_true).ravel().shape != (n,):
             raise ValueError(f"unsafe_true must have shape ({n},)")
         out.update(_binary_view(unsafe_true, unsafe_score, unsafe_pred))
-    cis = bootstrap_headline(yt, yp, ys, n_boot=n_boot, seed=seed)
+    cis = headline_intervals(yt, yp, ys, n_boot=n_boot, seed=seed, ranking=ranking)
     for m, _ in HEADLINE:
-        lo, hi = (nan, nan) if np.isnan(out[m]) else cis[m]
-        out[f"{m}_lo"], out[f"{m}_hi"] = lo, hi
+        ci = cis[m]
+        out[f"{m}_lo"], out[f"{m}_hi"] = (nan, nan) if np.isnan(out[m]) else (ci.lo, ci.hi)
+        out[f"{m}_ci_method"], out[f"{m}_ci_replicates"] = ci.method, ci.replicates
     return out
 
 
@@ -224,13 +221,13 @@ def _checked(
     return yt, yp, ys
 
 
-def _score_metrics(yt: np.ndarray, ys: np.ndarray | None) -> dict[str, float]:
+def _score_metrics(yt: np.ndarray, ys: np.ndarray | None, ranking: Ranking | None) -> dict[str, float]:
     """Micro ROC and PR AUC, ECE and Brier of the scores (NaN without scores)."""
-    if ys is None:
+    if ys is None or ranking is None:
         return dict.fromkeys(("roc_auc_micro", "pr_auc_micro", "ece", "brier"), float("nan"))
     return {
-        "roc_auc_micro": _safe_auc(yt.ravel(), ys.ravel()),
-        "pr_auc_micro": _safe_ap(yt.ravel(), ys.ravel()),
+        "roc_auc_micro": ranking.roc_auc(),
+        "pr_auc_micro": ranking.average_precision(),
         "ece": expected_calibration_error(yt, ys),
         "brier": brier_score(yt, ys),
     }

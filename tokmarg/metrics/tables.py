@@ -121,7 +121,13 @@ def threshold_transfer(
     th = np.asarray(thresholds, dtype=float).ravel()
     if th.size == 0:
         raise ValueError("thresholds must not be empty")
-    f1 = {m: f1_threshold_curve(yt, ys, th) for m, (yt, ys) in curves.items()}
+    return transfer_table({m: f1_threshold_curve(yt, ys, th) for m, (yt, ys) in curves.items()}, th, include_self)
+
+
+def transfer_table(f1: dict[str, np.ndarray], thresholds: np.ndarray, include_self: bool = False) -> pd.DataFrame:
+    """:func:`threshold_transfer` from each model's micro F1 at every threshold (model -> (T,) array)."""
+    th = np.asarray(thresholds, dtype=float).ravel()
+    curves = f1
     rows = []
     for src in curves:
         i = int(np.argmax(f1[src]))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tokmarg.metrics import HEADLINE
+from tokmarg.metrics import HEADLINE, METHODS
 from tokmarg.report import plots
 from tokmarg.report import tables as T
 from tokmarg.report.inputs import ReportError, ReportInputs, load_inputs
@@ -86,9 +86,27 @@ def _ci(v: float, lo: float, hi: float) -> str:
     return f"{v:.3f} [{cell(lo)}, {cell(hi)}]"
 
 
+def _interval_note(metrics: pd.DataFrame) -> str:
+    """How the brackets were made, from metrics.csv's ``<metric>_ci_method`` / ``_ci_replicates``."""
+    said = []
+    for metric, _ in HEADLINE:
+        col = f"{metric}_ci_method"
+        if col not in metrics.columns:  # runs reduced before the methods were recorded
+            said.append(("bootstrap", 1000, LABELS[metric]))
+            continue
+        for method, reps in metrics[[col, f"{metric}_ci_replicates"]].drop_duplicates().itertuples(index=False):
+            said.append((str(method), int(reps), LABELS[metric]))
+    parts = []
+    for method, reps in dict.fromkeys((m, r) for m, r, _ in said):
+        what = ", ".join(dict.fromkeys(label for m, r, label in said if (m, r) == (method, reps)))
+        how = METHODS.get(method, method) + (f", {reps} resamples" if reps else "")
+        parts.append(f"{what}: {how}")
+    return "Brackets are 95% intervals (" + "; ".join(parts) + ")."
+
+
 def _intro(doc: _Doc, inputs: ReportInputs) -> None:
     first = inputs.runs[0].manifest
-    n = len(inputs.sample_ids)
+    n = inputs.n_samples
     n_safe = int((~inputs.y_true.any(axis=1)).sum())
     doc.add(
         Heading(1, TITLE),
@@ -101,7 +119,7 @@ def _intro(doc: _Doc, inputs: ReportInputs) -> None:
         Text(
             "Micro F1 and Hamming loss are over the taxonomy codes, with scores binarised at each strategy's "
             "threshold; micro ROC AUC ranks every (sample, code) score. Higher is better except for Hamming loss, "
-            "ECE and Brier. Brackets are bootstrap 95% intervals (1000 resamples of the samples)."
+            f"ECE and Brier. {_interval_note(inputs.metrics)}"
         ),
     )
     mixed = [

@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tokmarg.columns import SCORE_COLUMNS, ModelArrays, label_matrix, positions_of
 from tokmarg.errors import TokmargError
 from tokmarg.metrics import HEADLINE
-from tokmarg.records import Manifest, RecordError, conform, label_matrix, strategy_results
-from tokmarg.rundir import LABELS_FILE, RUN_FILE, parquet_meta
+from tokmarg.records import Manifest, RecordError, conform
+from tokmarg.reduce import CURVE_COLUMNS, CURVES_DIR, curve_frames, score_curves
+from tokmarg.rundir import LABELS_FILE, RUN_FILE, parquet_meta, slug
 from tokmarg.strategies import REGISTRY
 
 METRIC_COLUMNS = ("threshold", "ece", "brier", *(f"{m}{s}" for m, _ in HEADLINE for s in ("", "_lo", "_hi")))
@@ -36,9 +39,9 @@ class Run:
     path: Path
     manifest: Manifest
     metrics: pd.DataFrame  # metrics.csv
-    scores: dict[tuple[str, str], np.ndarray | None]  # (model, strategy) -> code scores in sample order
-    sample_ids: tuple[str, ...]
-    true_codes: tuple[tuple[str, ...], ...]  # each sample's, from labels.parquet
+    curves: dict[str, pd.DataFrame]  # F1 against the threshold, reliability bins (reduce.CURVE_COLUMNS)
+    sample_ids: pa.Array  # (n,) string
+    true_labels: pa.Array  # (n,) list<string>: each sample's codes, from labels.parquet
     codes: tuple[str, ...]
 
 
@@ -48,10 +51,10 @@ class ReportInputs:
 
     runs: tuple[Run, ...]
     codes: tuple[str, ...]
-    sample_ids: tuple[str, ...]
+    n_samples: int
     y_true: np.ndarray  # (n, len(codes)) bool
     metrics: pd.DataFrame  # every run's metrics.csv, with a ``run`` column
-    score_by: dict[tuple[str, str], np.ndarray | None]  # every run's Run.scores
+    curves: dict[str, pd.DataFrame]  # every run's Run.curves, concatenated
     stored_tables: dict[str, pd.DataFrame] | None = None  # a single run's RUN/tables/*.csv (None: compute them)
 
     @property
@@ -66,9 +69,10 @@ class ReportInputs:
     def has_safe(self) -> bool:
         return bool((~self.y_true.any(axis=1)).any())
 
-    def scores(self, model: str, strategy: str) -> np.ndarray | None:
-        """(n, len(codes)) scores in sample order; None for a strategy without scores."""
-        return self.score_by.get((model, strategy))
+    def f1_at_grid(self) -> dict[tuple[str, str], np.ndarray]:
+        """(model, strategy) -> micro F1 at every threshold of the grid, for the score strategies."""
+        c = self.curves["f1_threshold_curves"]
+        return {(m, s): g["f1_micro"].to_numpy() for (m, s), g in c.groupby(["model", "strategy"], sort=False)}
 
 
 def _read_json(path: Path) -> dict:
@@ -112,51 +116,72 @@ def load_run(path: Path) -> Run:
         )
     try:
         metrics = pd.read_csv(path / "metrics.csv")
-        labels = pd.read_parquet(path / LABELS_FILE)
+        labels = pq.read_table(path / LABELS_FILE)
         meta = parquet_meta(path / LABELS_FILE)
-        files = sorted((path / "predictions").glob("*.parquet"))
-        tables = [pq.read_table(f) for f in files]
     except (OSError, ValueError, pa.ArrowException) as e:
         raise ReportError(f"{path}: cannot read its results ({str(e).splitlines()[0]})") from None
-    if not tables:
-        raise ReportError(f"{path}: no predictions/*.parquet")
     _columns(
         path / "metrics.csv", list(metrics.columns), ("model", "strategy", "f1_micro", "hamming_loss", "roc_auc_micro")
     )
-    _columns(path / LABELS_FILE, list(labels.columns), ("sample_id", "labels"))
-    for f, t in zip(files, tables):
-        _columns(f, t.column_names, ("model", "strategy", "sample_id", "scores"))
+    _columns(path / LABELS_FILE, labels.column_names, ("sample_id", "labels"))
     codes = tuple(meta.get("codes") or [c[3:] for c in metrics.columns if c.startswith("f1/")])
     absent = sorted(set(manifest.models) - set(metrics["model"]))
     if absent:
         raise ReportError(f"{path / 'metrics.csv'}: no rows for model {absent[0]!r} of the manifest")
     _columns(path / "metrics.csv", list(metrics.columns), METRIC_COLUMNS)
-    ids = [str(i) for i in labels["sample_id"]]
-    try:  # runs written before the typed columns hold JSON text: conform reads both
-        pred = pa.concat_tables([conform(t, ("unsafe", *codes)) for t in tables])
-        results = strategy_results(pred, ids, ("unsafe", *codes))
-    except RecordError as e:
-        raise ReportError(f"{path / 'predictions'}: {e}") from None
-    _check_predictions(path, metrics, results)
-    return Run(
-        path=path,
-        manifest=manifest,
-        metrics=metrics,
-        scores={k: r.code_scores() for k, r in results.items()},
-        sample_ids=tuple(ids),
-        true_codes=tuple(tuple(v) for v in labels["labels"]),
-        codes=codes,
-    )
-
-
-def _check_predictions(path: Path, metrics: pd.DataFrame, results: dict) -> None:
-    """Every model x strategy of metrics.csv is a known strategy with predictions (one per
-    labelled sample: :func:`~tokmarg.records.strategy_results` checks that)."""
-    for model, strategy in metrics[["model", "strategy"]].itertuples(index=False):
+    for strategy in pd.unique(metrics["strategy"]):
         if strategy not in REGISTRY:
             raise ReportError(f"{path / 'metrics.csv'}: unknown strategy {strategy!r}")
-        if (model, strategy) not in results:
-            raise ReportError(f"{path / 'predictions'}: {model} / {strategy} has no predictions")
+    for model in manifest.models:
+        if not (path / "predictions" / f"{slug(model)}.parquet").is_file():
+            raise ReportError(f"{path / 'predictions'}: no predictions of model {model!r}")
+    ids = pc.cast(labels.column("sample_id"), pa.string()).combine_chunks()
+    true_labels = labels.column("labels").combine_chunks()
+    curves = _stored_curves(path) or _curves_from_predictions(
+        path, metrics, ids, label_matrix(true_labels, codes), codes
+    )
+    return Run(path, manifest, metrics, curves, ids, true_labels, codes)
+
+
+def _stored_curves(path: Path) -> dict[str, pd.DataFrame] | None:
+    """``RUN/curves/*.csv`` as the reduce wrote them; None for a run reduced before they were."""
+    files = {name: path / CURVES_DIR / f"{name}.csv" for name in CURVE_COLUMNS}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    out = {}
+    for name, f in files.items():
+        try:
+            out[name] = pd.read_csv(f)
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{f}: cannot read ({str(e).splitlines()[0]})") from None
+        _columns(f, list(out[name].columns), tuple(CURVE_COLUMNS[name]))
+    return out
+
+
+def _curves_from_predictions(
+    path: Path, metrics: pd.DataFrame, ids: pa.Array, y_true: np.ndarray, codes: tuple[str, ...]
+) -> dict[str, pd.DataFrame]:
+    """The curves of a run reduced before they were stored: from its predictions' scores, a model
+    at a time (only the score strategies' scores are read)."""
+    f1, bins = {}, {}
+    for model, g in metrics.groupby("model", sort=False):
+        scored = [s for s in g["strategy"] if REGISTRY[s].kind.thresholded]
+        f = path / "predictions" / f"{slug(model)}.parquet"
+        try:
+            table = pq.read_table(
+                f, columns=list(SCORE_COLUMNS), filters=[("strategy", "in", scored)] if scored else None
+            )
+            table = conform(table, ("unsafe", *codes), SCORE_COLUMNS)
+            arrays = ModelArrays(str(model), scored, len(ids), ("unsafe", *codes))
+            arrays.add(table, positions_of(table.column("sample_id"), ids))
+            results = arrays.results()
+        except (OSError, ValueError, pa.ArrowException, RecordError) as e:
+            raise ReportError(f"{f}: {str(e).splitlines()[0]}") from None
+        for s, r in results.items():
+            ys = r.code_scores()
+            if ys is not None:
+                f1[model, s], bins[model, s] = score_curves(y_true, ys)
+    return curve_frames(f1, bins)
 
 
 def combine(runs: list[Run]) -> ReportInputs:
@@ -172,7 +197,7 @@ def combine(runs: list[Run]) -> ReportInputs:
                 f"{run.path} and {first.path} used different datasets (sha256 {b[:12]}… vs {a[:12]}…); "
                 "a report combines runs of one dataset"
             )
-        if run.sample_ids != first.sample_ids or run.true_codes != first.true_codes:
+        if not run.sample_ids.equals(first.sample_ids) or not run.true_labels.equals(first.true_labels):
             raise ReportError(
                 f"{run.path} and {first.path} scored different samples of the same dataset "
                 f"({len(run.sample_ids)} vs {len(first.sample_ids)}; another --limit or --skip-invalid?)"
@@ -184,10 +209,10 @@ def combine(runs: list[Run]) -> ReportInputs:
                 raise ReportError(f"model {model!r} is in both {owner[model]} and {run.path}; give each model once")
             owner[model] = run.path
     metrics = pd.concat([r.metrics.assign(run=str(r.path)) for r in runs], ignore_index=True)
-    y_true = label_matrix(first.true_codes, first.codes)
-    score_by = {k: v for r in runs for k, v in r.scores.items()}
+    y_true = label_matrix(first.true_labels, first.codes)
+    curves = {name: pd.concat([r.curves[name] for r in runs], ignore_index=True) for name in CURVE_COLUMNS}
     stored = _stored_tables(first) if len(runs) == 1 else None  # several runs: tables over all their models
-    return ReportInputs(tuple(runs), first.codes, first.sample_ids, y_true, metrics, score_by, stored)
+    return ReportInputs(tuple(runs), first.codes, len(first.sample_ids), y_true, metrics, curves, stored)
 
 
 def _stored_tables(run: Run) -> dict[str, pd.DataFrame]:

@@ -1,19 +1,18 @@
 """The report's tables (SPEC §3-4): numeric DataFrames, each also written as a CSV.
 
-Per-(model, strategy) numbers come from the runs' own ``metrics.csv``; what needs every model at
-once (generalization, ranking agreement, threshold transfer) or the scores themselves
-(F1-versus-threshold curves, reliability diagrams) is computed here from the combined inputs.
+Per-(model, strategy) numbers come from the runs' own ``metrics.csv`` and ``curves/*.csv`` (the
+F1-versus-threshold curves and reliability bins the reduce computed from the scores); what needs
+every model at once (generalization, ranking agreement, threshold transfer) is computed here from
+the combined inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pandas as pd
 
-from tokmarg.metrics import ECE_BINS, HEADLINE, calibration_bins, f1_threshold_curve
-from tokmarg.reduce import TRANSFER_GRID, cross_model_tables
+from tokmarg.metrics import HEADLINE
+from tokmarg.reduce import CURVE_COLUMNS, F1_CURVES, RELIABILITY, cross_model_tables
 from tokmarg.report.inputs import ReportInputs
 from tokmarg.strategies import REGISTRY
 
@@ -38,7 +37,7 @@ def cross_tables(inputs: ReportInputs) -> dict[str, pd.DataFrame]:
     their models."""
     if inputs.stored_tables is not None:
         return inputs.stored_tables
-    return cross_model_tables(inputs.metrics, inputs.score_by, inputs.y_true)
+    return cross_model_tables(inputs.metrics, inputs.f1_at_grid())
 
 
 def per_code_table(inputs: ReportInputs, metric: str) -> pd.DataFrame:
@@ -64,46 +63,25 @@ def calibration_table(inputs: ReportInputs) -> pd.DataFrame:
     return out[out["ece"].notna()].reset_index(drop=True)
 
 
-def _scored(inputs: ReportInputs, strategies: list[str]) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(strategy, model, scores) for every model x strategy that has scores."""
-    for strategy in strategies:
-        for model in inputs.models:
-            ys = inputs.scores(model, strategy)
-            if ys is not None:
-                yield strategy, model, ys
+def _curves(inputs: ReportInputs, name: str, strategies: list[str]) -> pd.DataFrame:
+    """A curves frame of ``strategies``, by strategy then model in the report's order."""
+    c = inputs.curves[name]
+    c = c[c["strategy"].isin(strategies)]
+    order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in strategies for m in inputs.models)}
+    key = [order.get((s, m), len(order)) for s, m in zip(c["strategy"], c["model"])]
+    c = c.assign(_k=key).sort_values("_k", kind="stable").drop(columns="_k")
+    return c[CURVE_COLUMNS[name]].reset_index(drop=True)
 
 
-def reliability_table(inputs: ReportInputs, strategies: list[str], n_bins: int = ECE_BINS) -> pd.DataFrame:
+def reliability_table(inputs: ReportInputs, strategies: list[str]) -> pd.DataFrame:
     """Reliability diagram data over all (sample, code) pairs: per model x strategy x bin the
     pair count, mean score and fraction of true labels (the bins of the ECE)."""
-    rows = []
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    for strategy, model, ys in _scored(inputs, strategies):
-        for b, (n, s, y) in enumerate(calibration_bins(inputs.y_true, ys, n_bins)):
-            rows.append(
-                {
-                    "model": model,
-                    "strategy": strategy,
-                    "bin_lo": edges[b],
-                    "bin_hi": edges[b + 1],
-                    "n_pairs": int(n),
-                    "mean_score": s / n if n else np.nan,
-                    "fraction_true": y / n if n else np.nan,
-                }
-            )
-    return pd.DataFrame(
-        rows, columns=["model", "strategy", "bin_lo", "bin_hi", "n_pairs", "mean_score", "fraction_true"]
-    )
+    return _curves(inputs, RELIABILITY, strategies)
 
 
-def f1_curves(inputs: ReportInputs, strategies: list[str], grid: np.ndarray = TRANSFER_GRID) -> pd.DataFrame:
-    """Micro F1 of ``scores >= t`` for every t of ``grid``, per model x strategy (long format)."""
-    frames = []
-    for strategy, model, ys in _scored(inputs, strategies):
-        f1 = f1_threshold_curve(inputs.y_true, ys, grid)
-        frames.append(pd.DataFrame({"model": model, "strategy": strategy, "threshold": grid, "f1_micro": f1}))
-    cols = ["model", "strategy", "threshold", "f1_micro"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+def f1_curves(inputs: ReportInputs, strategies: list[str]) -> pd.DataFrame:
+    """Micro F1 of ``scores >= t`` for every t of the grid, per model x strategy (long format)."""
+    return _curves(inputs, F1_CURVES, strategies)
 
 
 def binary_table(inputs: ReportInputs) -> pd.DataFrame | None:
@@ -133,7 +111,7 @@ def uncertainty_table(inputs: ReportInputs) -> pd.DataFrame:
 def model_facts(inputs: ReportInputs) -> pd.DataFrame:
     """Per model: where and how it ran, what it cost."""
     rows = []
-    n = max(1, len(inputs.sample_ids))
+    n = max(1, inputs.n_samples)
     for run in inputs.runs:
         man = run.manifest
         for model in man.models:

@@ -1,0 +1,94 @@
+"""Runs at scale, small (tier b, no model): a synthetic finished run is reduced and reported;
+the reduce reads partitions column-wise whatever their grouping in files; fitted codes are
+written back into the predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from tokmarg.cli import app
+from tokmarg.columns import StrategyResults, with_fitted_labels
+from tokmarg.rundir import RunDir, parquet_meta, write_table
+from tokmarg.scalerun import write_run
+
+runner = CliRunner()
+
+
+def _reduce(run: Path) -> pd.DataFrame:
+    res = runner.invoke(app, ["eval", "--resume", str(run), "--no-ray", "--no-report", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return pd.read_csv(run / "metrics.csv")
+
+
+def _split_files(run: Path) -> None:
+    """Rewrite every grouped partition file as one file per partition (the older layout)."""
+    rd = RunDir(run)
+    for folder in (run / "partitions").iterdir():
+        for f in sorted(folder.glob("part-*.parquet")):
+            table, metas = rd.read_partition_file(f, pq.read_schema(f).names)
+            f.unlink()
+            ids = table.column("sample_id").to_pylist()
+            for m in metas:  # ids are s0, s1, ...; partitions of 32 samples
+                mine = [i for i, s in enumerate(ids) if int(s[1:]) // 32 == m.index]
+                write_table(table.take(pa.array(mine)), rd.part_path(m.model, m.index), m.to_dict())
+
+
+def test_a_synthetic_run_reduces_and_reports_the_same_in_any_file_layout(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", samples=150, models=2, seed=3)
+    job = json.loads((run / "run.json").read_text())["job"]
+    assert job["n_samples"] == 150 and len(job["models"]) == 2
+    files = list((run / "partitions").glob("*/part-*.parquet"))
+    assert len(files) == 2 and len(parquet_meta(files[0])["partitions"]) == 5  # 150 samples / 32 a partition
+    labels = [json.loads(line)["labels"] for line in (run / "data.jsonl").read_text().splitlines()]
+    assert 0.3 < sum(not lab for lab in labels) / len(labels) < 0.7  # about half safe
+    grouped = _reduce(run)
+    assert len(grouped) == 2 * 7 and (grouped["f1_micro_ci_method"] == "bootstrap").all()
+    better = grouped.set_index(["model", "strategy"])["roc_auc_micro"]
+    assert better["synthetic/model-2", "token_probability"] > better["synthetic/model-1", "token_probability"]
+    pred_grouped = pd.read_parquet(run / "predictions" / "synthetic_model-1.parquet")
+
+    (run / "manifest.json").unlink()
+    _split_files(run)
+    assert len(list((run / "partitions").glob("*/part-*.parquet"))) == 2 * 5
+    split = _reduce(run)
+    cols = [c for c in grouped.columns if c != "seconds_per_sample"]
+    pd.testing.assert_frame_equal(grouped[cols], split[cols])
+    pred_split = pd.read_parquet(run / "predictions" / "synthetic_model-1.parquet")
+    key = ["strategy", "sample_id"]
+    a = pred_grouped.sort_values(key).reset_index(drop=True)
+    b = pred_split.sort_values(key).reset_index(drop=True)
+    assert a["pred_labels"].map(list).tolist() == b["pred_labels"].map(list).tolist()
+    fitted = a[a["strategy"] == "LogTokU"]
+    assert {len(p) for p in fitted["pred_labels"]} <= {0, 1, 2} and any(len(p) == 2 for p in fitted["pred_labels"])
+    tops = [list(r[: len(p)]) for r, p in zip(fitted["ranked"], fitted["pred_labels"])]
+    assert tops == fitted["pred_labels"].map(list).tolist()  # the fitted codes are the best-ranked ones
+
+    res = runner.invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    curves = pd.read_csv(run / "report" / "csv" / "f1_threshold_curves.csv")
+    stored = pd.read_csv(run / "curves" / "f1_threshold_curves.csv")
+    assert len(curves) == 2 * 3 * 101 and set(curves["strategy"]) == set(stored["strategy"])
+    assert "seeded row bootstrap, 1000 resamples" in (run / "report" / "report.md").read_text()
+
+
+def test_fitted_labels_replace_only_the_fitted_strategies_cells() -> None:
+    table = pa.table(
+        {
+            "strategy": ["a", "b", "a", "b"],
+            "pred_labels": pa.array([["S2"], [], None, ["S1"]], pa.list_(pa.string())),
+        }
+    )
+    r = StrategyResults(
+        "m", "b", None, np.zeros((2, 2), bool), np.zeros(2), np.array([[1, 0], [0, -1]]), np.zeros(2),
+        np.zeros(2, bool), np.zeros(2, int),
+    )  # fmt: skip
+    r.set_top_k(np.array([2, 1]))
+    out = with_fitted_labels(table, np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1]), [None, r], ["S1", "S2"])
+    assert out.column("pred_labels").to_pylist() == [["S2"], ["S2", "S1"], [], ["S1"]]
