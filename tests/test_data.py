@@ -150,7 +150,7 @@ def test_custom_taxonomy_general_shape() -> None:
         ({"unsafe_query": "x"}, LLAMA_GUARD_3, "exactly one of"),
         ({"unsafe_query": "x", "llama_guard_3_categories": ["S15"]}, LLAMA_GUARD_3, "unknown code 'S15'"),
         ({"prompt": "x", "labels": ["S12"]}, LLAMA_GUARD_2, "unknown code 'S12' for taxonomy llama_guard_2"),
-        ({"prompt": "x", "labels": "S1"}, LLAMA_GUARD_3, "'labels' must be a list"),
+        ({"prompt": "x", "labels": 5}, LLAMA_GUARD_3, "'labels' must be a list"),
         ({"prompt": "x", "labels": [1]}, LLAMA_GUARD_3, "'labels' must contain strings"),
         ({"prompt": 3, "labels": []}, LLAMA_GUARD_3, "'prompt' must be a string"),
         ({"prompt": "   ", "labels": []}, LLAMA_GUARD_3, "'prompt' is empty text"),
@@ -375,3 +375,8 @@ def test_excluded_codes_are_dropped_from_the_labels(tmp_path: Path) -> None:
     assert load_dataset(p, LLAMA_GUARD_3).n_relabeled == 0
     with pytest.raises(DataError, match="unknown code 'S14'"):  # a code the taxonomy never had stays an error
         load_dataset(p, Taxonomy("t", LLAMA_GUARD_3.categories[:13]))
+
+
+def test_labels_as_a_comma_separated_string() -> None:
+    assert parse_line({"prompt": "x", "labels": "S2, S1,"}, 1, LLAMA_GUARD_3).true_codes == ("S1", "S2")
+    assert parse_line({"prompt": "x", "labels": ""}, 1, LLAMA_GUARD_3).true_codes == ()

@@ -16,6 +16,8 @@ from typing import Annotated
 
 import typer
 
+from tokmarg import choices as C
+from tokmarg.choices import allowed
 from tokmarg.errors import TokmargError
 
 app = typer.Typer(
@@ -27,14 +29,21 @@ app = typer.Typer(
 
 Opt = typer.Option
 Models = Annotated[list[str] | None, Opt(help="models: preset, HF id or local dir (default: embedded SmolLM2)")]
-Dataset = Annotated[Path | None, Opt(help="JSONL dataset (default: ./datasets/sample.jsonl, else the packaged sample)")]
+Dataset = Annotated[
+    Path | None, Opt(help="dataset: JSONL, Parquet or CSV (default: ./datasets/sample.jsonl, else the packaged sample)")
+]
+DataFormat = Annotated[
+    str | None, Opt("--format", help=f"{allowed(C.Format, ' | ')} (default: from the file's extension)")
+]
 Params = Annotated[Path | None, Opt(help="params.yaml (default: ./params.yaml, else the packaged defaults)")]
 Strategies = Annotated[list[str] | None, Opt(help="subset of strategies (default: all in params)")]
 Limit = Annotated[int | None, Opt(min=1, help="first N samples only")]
-Semantics = Annotated[str | None, Opt(help="exact | paper (overrides params)")]
-Engine = Annotated[str | None, Opt(help="fast (KV cache, tree attention; default) | reference (full forwards)")]
-Device = Annotated[str | None, Opt(help="auto | cpu | cuda:N (default: auto)")]
-Dtype = Annotated[str | None, Opt(help="auto | fp32 | bf16 | fp16 (default: auto)")]
+Semantics = Annotated[str | None, Opt(help=f"{allowed(C.Semantics, ' | ')} (overrides params)")]
+Engine = Annotated[
+    str | None, Opt(help="fast (KV cache, tree attention; default) | reference (full forwards)")
+]  # C.Engine's members
+Device = Annotated[str | None, Opt(help="auto | cpu | cuda:N (default: auto)")]  # C.DeviceKind's
+Dtype = Annotated[str | None, Opt(help=f"{allowed(C.Dtype, ' | ')} (default: auto)")]
 BatchSize = Annotated[int | None, Opt(min=0, help="samples per fast-engine batch (default: 0 = auto)")]
 MaxForward = Annotated[int | None, Opt(min=0, help="tokens per forward call (default: 0 = auto)")]
 SkipInvalid = Annotated[bool | None, Opt("--skip-invalid", help="skip invalid dataset lines (counted)")]
@@ -93,6 +102,7 @@ def strategies_cmd() -> None:
 @app.command("validate")
 def validate_cmd(
     dataset: Dataset = None,
+    format: DataFormat = None,  # noqa: A002 - the option's name
     params: Params = None,
     models: Models = None,
     strategies: Strategies = None,
@@ -113,6 +123,7 @@ def validate_cmd(
 def prompts_cmd(
     models: Models = None,
     dataset: Dataset = None,
+    format: DataFormat = None,  # noqa: A002 - the option's name
     params: Params = None,
     limit: Annotated[int, Opt(min=1, help="first N samples only")] = 3,
     ids: Annotated[bool, Opt("--ids", help="also print the token ids")] = False,
@@ -131,7 +142,7 @@ def prompts_cmd(
         cfg, ds = load_inputs(s)
         tokenizers = [load_tokenizer(m.name, trust_remote_code=s.trust_remote_code) for m in cfg.models]
         prompts = [WorkerSpec.from_config(m, cfg).prompt(t) for m, t in zip(cfg.models, tokenizers)]
-        lines = list(listing(prompts, ds.samples, ids))  # every prompt checked before anything prints
+        lines = list(listing(prompts, ds.read(0, s.limit), ids))  # every prompt checked before anything prints
     typer.echo("\n".join(lines))
 
 
@@ -152,6 +163,7 @@ def eval_cmd(
     device: Device = None,
     dtype: Dtype = None,
     skip_invalid: SkipInvalid = None,
+    format: DataFormat = None,  # noqa: A002 - the option's name
     trust_remote_code: TrustCode = None,
     allow_pickle: Pickle = None,
     partition_size: PartitionSize = None,

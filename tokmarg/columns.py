@@ -249,6 +249,13 @@ def positions_of(sample_ids: pa.Array | pa.ChunkedArray, ids: pa.Array, where: n
     return pos if where is None else where[pos]
 
 
+def code_lists(matrix: np.ndarray, codes: Sequence[str]) -> pa.ListArray:
+    """A list<string> per row: the codes where ``matrix`` (n, len(codes)) is true, in code order."""
+    rows, cols = np.nonzero(matrix)
+    offsets = np.r_[0, np.cumsum(matrix.sum(axis=1))].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(list(codes), pa.string()).take(pa.array(cols)))
+
+
 def label_matrix(labels: Sequence[Sequence[str]] | pa.Array, codes: Sequence[str]) -> np.ndarray:
     """(n, len(codes)) bool: which codes each sample is labelled with (other names ignored)."""
     col = labels if isinstance(labels, pa.Array | pa.ChunkedArray) else pa.array(list(labels), pa.list_(pa.string()))

@@ -9,17 +9,17 @@ Every error is one line naming the file and key and saying what is allowed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from tokmarg.choices import Calibration, Dtype, E, Semantics, choose, device_kind
 from tokmarg.errors import TokmargError
-from tokmarg.models import DEFAULT_MODEL, DTYPES
+from tokmarg.models import DEFAULT_MODEL
 from tokmarg.prompts import BUILTIN_FORMATS, PromptError, load_format
-from tokmarg.strategies import REGISTRY, SEMANTICS, StrategyParams
-from tokmarg.strategies.base import Semantics
-from tokmarg.strategies.uncertainty import CALIBRATIONS, Calibration
+from tokmarg.sources import FIELDS, ColumnMap
+from tokmarg.strategies import REGISTRY, StrategyParams
 from tokmarg.taxonomy import BUILTIN, Taxonomy, TaxonomyError, differing, get_taxonomy, taxonomy_from_mapping
 
 PARAM_KEYS = tuple(f.name for f in fields(StrategyParams))
@@ -33,6 +33,7 @@ TOP_KEYS = (
     "strategies",
     "models",
     "seed",
+    "dataset",
 )
 MODEL_KEYS = ("prompt", "taxonomy", "exclude_codes", "answer_prefix", "device", "dtype", "strategies", *PARAM_KEYS)
 
@@ -67,12 +68,16 @@ class Config:
     strategies: tuple[str, ...]
     models: tuple[ModelConfig, ...]
     seed: int
+    dataset: ColumnMap = field(default_factory=ColumnMap)  # params `dataset:`: the file's column names
 
 
-def _choice(where: str, value: object, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
-    return str(value)
+def _choice(where: str, value: object, kind: type[E]) -> E:
+    return choose(kind, value, where, ConfigError)
+
+
+def _device(where: str, value: str) -> str:
+    device_kind(value, where, ConfigError)
+    return value
 
 
 def _mapping(where: str, value: object, allowed: Sequence[str] | None = None) -> dict:
@@ -85,6 +90,26 @@ def _mapping(where: str, value: object, allowed: Sequence[str] | None = None) ->
             if key not in allowed:
                 raise ConfigError(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}")
     return value
+
+
+def _columns(where: str, value: object, codes: Sequence[str]) -> ColumnMap:
+    """Params ``dataset:``: {prompt, response, conversation, id: column; labels: column, or
+    {code: 0/1 column}}."""
+    spec = _mapping(where, value, FIELDS)
+    columns = {}
+    for key, col in spec.items():
+        if key == "labels" and isinstance(col, dict):
+            unknown = [c for c in col if c not in codes]
+            if unknown:
+                raise ConfigError(f"{where}.labels.{unknown[0]}: not a code of the run's taxonomy ({', '.join(codes)})")
+            if not all(isinstance(v, str) and v for v in col.values()):
+                raise ConfigError(f"{where}.labels: each code's value must be a column name")
+        elif not isinstance(col, str) or not col:
+            what = "a column name, or {code: column} of 0/1 columns" if key == "labels" else "a column name"
+            raise ConfigError(f"{where}.{key}: {col!r} must be {what}")
+        columns[key] = col
+    labels = columns.pop("labels", None)
+    return ColumnMap(columns, labels)
 
 
 def _string(where: str, value: object, default: str) -> str:
@@ -155,17 +180,17 @@ def build_config(
     f = str(path)
     raw = load_params(path)
     sem = _choice(
-        "--semantics" if semantics else f"{f}: semantics", semantics or raw.get("semantics", "exact"), SEMANTICS
+        "--semantics" if semantics else f"{f}: semantics", semantics or raw.get("semantics", "exact"), Semantics
     )
-    cal = _choice(f"{f}: calibration", raw.get("calibration", "transductive"), CALIBRATIONS)
+    cal = _choice(f"{f}: calibration", raw.get("calibration", "transductive"), Calibration)
     taxonomies = _Taxonomies(f, raw)
     taxonomy = taxonomies.get(f"{f}: taxonomy", raw.get("taxonomy", "llama_guard_3"))
     taxonomy = _without(f"{f}: exclude_codes", taxonomy, raw.get("exclude_codes"))
     base_dir = Path(path).resolve().parent
     defaults = _ModelDefaults(
         prompt=_prompt(f"{f}: prompt", raw.get("prompt", "instruct"), base_dir),
-        device=_string("--device", device, "auto"),
-        dtype=_choice("--dtype", dtype, list(DTYPES)),
+        device=_device("--device", _string("--device", device, "auto")),
+        dtype=_choice("--dtype", dtype, Dtype),
         base_dir=base_dir,
     )
     base, chosen = _strategies(f, raw, strategies)
@@ -196,7 +221,8 @@ def build_config(
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{f}: seed: {seed!r} must be an integer")
-    return Config(f, raw, sem, cal, taxonomy, tuple(chosen), tuple(built[n] for n in names), seed)  # type: ignore[arg-type]
+    columns = _columns(f"{f}: dataset", raw.get("dataset"), taxonomy.complete().codes)
+    return Config(f, raw, sem, cal, taxonomy, tuple(chosen), tuple(built[n] for n in names), seed, columns)  # type: ignore[arg-type]
 
 
 class _Taxonomies:
@@ -274,8 +300,8 @@ def _model(
         prompt,
         m_tax,
         _string(f"{where}.answer_prefix", entry.get("answer_prefix"), ""),
-        _string(f"{where}.device", entry.get("device"), defaults.device),
-        _choice(f"{where}.dtype", entry.get("dtype", defaults.dtype), list(DTYPES)),
+        _device(f"{where}.device", _string(f"{where}.device", entry.get("device"), defaults.device)),
+        _choice(f"{where}.dtype", entry.get("dtype", defaults.dtype), Dtype),
         {s: resolved[s] for s in chosen},
     )
 

@@ -1,6 +1,10 @@
-"""Loading labelled moderation datasets (JSONL, one sample per line; SPEC section 5).
+"""Loading labelled moderation datasets (JSONL, Parquet or CSV; SPEC section 5), streamed.
 
-Three record shapes are accepted, detected per line:
+A file is read once, row by row (:mod:`tokmarg.sources`), to validate it: its SHA-256, its
+sample ids, their labels and the first sample of each conversation shape are kept, not the
+samples. :meth:`Dataset.read` parses a range of samples again when a partition needs them.
+
+Three record shapes are accepted, detected per row:
 
 * paper shape: ``{"unsafe_query": str, "llama_guard_3_categories": [codes]}`` (or
   ``llama_guard_2_categories``; the key must match the taxonomy) -> one user turn;
@@ -11,8 +15,10 @@ Three record shapes are accepted, detected per line:
   mapped to the taxonomy by :data:`BEAVERTAILS_TO_LLAMA_GUARD`.
 
 Every shape may carry an optional string ``"id"``; without one the id is the 1-based
-line number. Blank lines are skipped but still counted, so line numbers stay true.
-Keys not named above are ignored.
+line (JSONL) or row (Parquet, CSV) number. Blank lines are skipped but still counted, so line
+numbers stay true. Keys not named above are ignored. ``labels`` may also be one string of
+comma-separated codes, and a ``conversation`` a JSON string (as a CSV cell holds it). Params
+``dataset:`` maps a file's own column names to these fields (:class:`~tokmarg.sources.ColumnMap`).
 
 ``limit`` keeps the first N valid samples and stops reading there: lines after the
 N-th valid sample are neither validated nor counted as skipped.
@@ -20,12 +26,17 @@ N-th valid sample are neither validated nor counted as skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 from tokmarg.errors import TokmargError
+from tokmarg.sources import ColumnMap, Format, RowError, SourceError, check_file, file_sha256, format_of, rows
 from tokmarg.taxonomy import Taxonomy
 
 __all__ = [
@@ -108,21 +119,45 @@ class Sample:
     line: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded dataset: its samples, the file's SHA-256 and the lines skipped as invalid."""
+    """A validated dataset file: what the run keeps of it (ids, labels, hashes), not its samples;
+    :meth:`read` parses a range of samples when they are needed."""
 
     path: str
     sha256: str
-    samples: tuple[Sample, ...]
+    ids: pa.Array  # (n,) string, in file order
+    labels: np.ndarray  # (n, len(codes)) bool: each sample's true codes
+    codes: tuple[str, ...]
     n_skipped: int
     skipped: tuple[str, ...]
     n_relabeled: int = 0  # samples that lost labels of codes the run excludes (`exclude_codes`)
+    probes: tuple[Sample, ...] = ()  # the first sample of each conversation shape (sequence of roles)
+    source: _Source | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     @property
     def has_safe(self) -> bool:
         """Whether any sample is labelled safe (empty labels)."""
-        return any(not s.true_codes for s in self.samples)
+        return bool((~self.labels.any(axis=1)).any())
+
+    def true_codes(self) -> list[tuple[str, ...]]:
+        """Every sample's true codes (taxonomy order)."""
+        return [tuple(self.codes[j] for j in np.flatnonzero(row)) for row in self.labels]
+
+    def read(self, start: int = 0, stop: int | None = None) -> tuple[Sample, ...]:
+        """Samples ``start:stop``, parsed from the file again."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        if self.source is None or start >= stop:
+            return ()
+        return self.source.read(start, stop)
+
+    @property
+    def samples(self) -> tuple[Sample, ...]:
+        """Every sample (parsed on each call: for small files, tests and tools)."""
+        return self.read()
 
 
 class DataError(TokmargError, ValueError):
@@ -153,12 +188,17 @@ def _text(obj: dict, key: str, shape: str) -> str:
 
 
 def _codes(obj: dict, key: str, taxonomy: Taxonomy) -> tuple[str, ...]:
-    """Validate a list of codes under ``key``; return them deduplicated in taxonomy order."""
+    """Validate a list of codes (or a string of comma-separated codes) under ``key``; return them
+    deduplicated in taxonomy order."""
     if key not in obj:
         raise _RecordError(f"missing field {key!r}")
     value = obj[key]
+    if isinstance(value, str):
+        value = [c.strip() for c in value.split(",") if c.strip()]
     if not isinstance(value, list):
-        raise _RecordError(f"field {key!r} must be a list of codes, got {type(value).__name__}")
+        raise _RecordError(
+            f"field {key!r} must be a list of codes or a comma-separated string, got {type(value).__name__}"
+        )
     known = set(taxonomy.codes)
     for code in value:
         if not isinstance(code, str):
@@ -172,7 +212,15 @@ def _codes(obj: dict, key: str, taxonomy: Taxonomy) -> tuple[str, ...]:
 
 
 def _conversation(value: object) -> tuple[Turn, ...]:
-    """Validate a ``conversation`` list of ``{role, content}`` mappings."""
+    """Validate a ``conversation`` list of ``{role, content}`` mappings (or its JSON text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _RecordError(
+                f"field 'conversation' must be a list of turns or its JSON text; got text that is not JSON "
+                f"({e.msg} at column {e.colno})"
+            ) from None
     if not isinstance(value, list):
         raise _RecordError(f"field 'conversation' must be a list of turns, got {type(value).__name__}")
     if not value:
@@ -302,81 +350,147 @@ def _general(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple[str
 # --------------------------------------------------------------------------- loading
 
 
-def _read(name: str) -> tuple[bytes, str]:
-    """The file's bytes and its text (UTF-8, without a byte-order mark)."""
-    p = Path(name)
-    if not p.exists():
-        raise DataError(f"{name}: no such file")
-    if p.is_dir():
-        raise DataError(f"{name}: is a directory, not a JSONL file")
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{name}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad_line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{name}: not valid UTF-8 (line {bad_line}, byte {exc.start})") from exc
-    return raw, text.removeprefix("\ufeff")
+class _Source:
+    """Where the valid samples are in the file: their rows (and, in JSONL, byte offsets). Reads
+    a range of them again from a cursor that goes on from the last range read (partitions come in
+    order), restarting (JSONL: at the row's offset) when asked for an earlier one; the last few
+    ranges are kept parsed, for several models asking for the same partitions close together."""
+
+    CACHE = 64
+
+    def __init__(
+        self, path: Path, fmt: Format, cmap: ColumnMap, taxonomy: Taxonomy, rows_of: np.ndarray, offsets: np.ndarray,
+        kept: set[str],
+    ) -> None:  # fmt: skip
+        self.path, self.fmt, self.cmap, self.taxonomy, self.kept = path, fmt, cmap, taxonomy, kept
+        self.rows_of, self.offsets = rows_of, offsets
+        self._cache: OrderedDict[tuple[int, int], tuple[Sample, ...]] = OrderedDict()
+        self._cursor: Iterator[tuple[int, object, int]] | None = None
+        self._at = 0  # the row the cursor yielded last
+
+    def read(self, start: int, stop: int) -> tuple[Sample, ...]:
+        key = (start, stop)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        wanted = self.rows_of[start:stop].tolist()
+        if self._cursor is None or wanted[0] <= self._at:
+            offset = int(self.offsets[start]) if self.fmt is Format.JSONL else 0
+            cols, lab = self.cmap.needed(), self.cmap.labels_column
+            self._cursor = rows(self.path, self.fmt, cols, start=wanted[0], offset=offset, labels=lab)
+        out: list[Sample] = []
+        need = iter(wanted)
+        nxt = next(need)
+        for row, rec, _ in self._cursor:
+            self._at = row
+            if row == nxt:
+                out.append(_sample(rec, row, self.fmt, self.cmap, self.taxonomy, self.kept)[0])
+                nxt = next(need, None)
+                if nxt is None:
+                    break
+        samples = tuple(out)
+        self._cache[key] = samples
+        if len(self._cache) > self.CACHE:
+            self._cache.popitem(last=False)
+        return samples
+
+
+def _sample(rec: object, row: int, fmt: Format, cmap: ColumnMap, full: Taxonomy, kept: set[str]) -> tuple[Sample, bool]:
+    """One row as a sample (labels of excluded codes dropped) and whether any were dropped."""
+    if isinstance(rec, RowError):
+        raise rec
+    if isinstance(rec, dict):
+        rec = cmap.apply(rec)
+        if fmt is not Format.JSONL and isinstance(rec.get("id"), int) and not isinstance(rec["id"], bool):
+            rec["id"] = str(rec["id"])  # a numeric id column
+    sample = parse_line(rec, row, full)
+    if kept.issuperset(sample.true_codes):
+        return sample, False
+    return replace(sample, true_codes=tuple(c for c in sample.true_codes if c in kept)), True
 
 
 def load_dataset(
-    path: str | Path, taxonomy: Taxonomy, *, skip_invalid: bool = False, limit: int | None = None
+    path: str | Path,
+    taxonomy: Taxonomy,
+    *,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+    fmt: str | None = None,
+    columns: ColumnMap | None = None,
 ) -> Dataset:
-    """Load and validate a JSONL dataset against ``taxonomy``.
+    """Read and validate a dataset file against ``taxonomy``, streamed.
 
-    With ``skip_invalid=False`` the first bad line raises :class:`DataError`
-    (``'<path>:<line>: <reason>'``); with ``skip_invalid=True`` bad lines are skipped and
-    their messages recorded in ``Dataset.skipped``. A missing or non-UTF-8 file, or one
-    with no valid sample, is always an error. ``limit`` keeps the first ``limit`` valid
-    samples and stops reading after them. Labels of the taxonomy's excluded codes are valid and
-    dropped (a sample left with none counts as safe); ``Dataset.n_relabeled`` counts such samples.
+    With ``skip_invalid=False`` the first bad row raises :class:`DataError`
+    (``'<path>:<line>: <reason>'``, ``'<path>: row <n>: <reason>'`` for Parquet and CSV); with
+    ``skip_invalid=True`` bad rows are skipped and their messages recorded in ``Dataset.skipped``.
+    A missing or unreadable file, or one with no valid sample, is always an error. ``limit`` keeps
+    the first ``limit`` valid samples and validates no row after them (the whole file is still
+    hashed). ``fmt``: jsonl, parquet or csv (default: from the extension); ``columns``: the params'
+    column mapping. Labels of the taxonomy's excluded codes are valid and dropped (a sample left
+    with none counts as safe); ``Dataset.n_relabeled`` counts such samples.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    name = str(path)
-    raw, text = _read(name)
-    samples: list[Sample] = []
+    name, p = str(path), Path(path)
+    cmap = columns or ColumnMap()
+    try:
+        check_file(p)
+        form = format_of(p, fmt)
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    full, kept = taxonomy.complete(), set(taxonomy.codes)  # labels of excluded codes parse, then drop
+    col = {c: j for j, c in enumerate(taxonomy.codes)}
+    ids: list[str] = []
+    rows_of: list[int] = []
+    offsets: list[int] = []
+    hits: list[tuple[int, int]] = []  # (sample, code column)
     skipped: list[str] = []
     seen: dict[str, int] = {}
-    full, kept = taxonomy.complete(), set(taxonomy.codes)  # labels of excluded codes parse, then drop
+    shapes: dict[tuple[str, ...], Sample] = {}
     relabeled = 0
-    # split on "\n" only: JSON strings may legally hold other line separators (U+2028, ...)
-    for lineno, raw_line in enumerate(text.split("\n"), start=1):
-        if limit is not None and len(samples) >= limit:
-            break
-        line = raw_line.rstrip("\r")
-        if not line.strip():
-            continue
-        try:
+    try:
+        for row, rec, offset in rows(p, form, cmap.needed(), labels=cmap.labels_column):
+            if limit is not None and len(ids) >= limit:
+                break
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _RecordError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            sample = parse_line(obj, lineno, full)
-            if sample.id in seen:
-                raise _RecordError(f"duplicate sample id {sample.id!r} (first on line {seen[sample.id]})")
-        except ValueError as exc:
-            message = f"{name}:{lineno}: {exc}"
-            if not skip_invalid:
-                raise DataError(message) from None
-            skipped.append(message)
-            continue
-        seen[sample.id] = lineno
-        if taxonomy.excluded and not kept.issuperset(sample.true_codes):
-            sample = replace(sample, true_codes=tuple(c for c in sample.true_codes if c in kept))
-            relabeled += 1
-        samples.append(sample)
-
-    if not samples:
-        detail = f" ({len(skipped)} invalid line(s) skipped)" if skipped else ""
+                sample, dropped = _sample(rec, row, form, cmap, full, kept)
+                if sample.id in seen:
+                    raise _RecordError(f"duplicate sample id {sample.id!r} (first on {_at(form, seen[sample.id])})")
+            except ValueError as exc:
+                message = f"{name}{':' if form is Format.JSONL else ': row '}{row}: {cmap.where(str(exc))}"
+                if not skip_invalid:
+                    raise DataError(message) from None
+                skipped.append(message)
+                continue
+            seen[sample.id] = row
+            relabeled += dropped
+            hits.extend((len(ids), col[c]) for c in sample.true_codes)
+            shapes.setdefault(tuple(t.role for t in sample.conversation), sample)
+            ids.append(sample.id)
+            rows_of.append(row)
+            offsets.append(offset)
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    if not ids:
+        detail = f" ({len(skipped)} invalid row(s) skipped)" if skipped else ""
         raise DataError(f"{name}: no valid samples{detail}")
+    labels = np.zeros((len(ids), len(col)), dtype=bool)
+    if hits:
+        h = np.array(hits, dtype=np.int64)
+        labels[h[:, 0], h[:, 1]] = True
     return Dataset(
         path=name,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        samples=tuple(samples),
+        sha256=file_sha256(p),
+        ids=pa.array(ids, pa.string()),
+        labels=labels,
+        codes=tuple(taxonomy.codes),
         n_skipped=len(skipped),
         skipped=tuple(skipped),
         n_relabeled=relabeled,
+        probes=tuple(shapes.values()),
+        source=_Source(p, form, cmap, full, np.array(rows_of, np.int64), np.array(offsets, np.int64), kept),
     )
+
+
+def _at(fmt: Format, row: int) -> str:
+    return f"line {row}" if fmt is Format.JSONL else f"row {row}"

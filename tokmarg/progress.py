@@ -22,7 +22,7 @@ class Progress:
     def __init__(
         self, cfg: Config, ds: Dataset, done: dict[str, set[int]], sizes: dict[int, int], enabled: bool
     ) -> None:
-        self.total = len(ds.samples)
+        self.total = len(ds)
         self.count = {m.name: sum(sizes[i] for i in done[m.name]) for m in cfg.models}
         self.tty = enabled and sys.stderr.isatty()
         self.enabled = enabled

@@ -29,7 +29,7 @@ from tokmarg.columns import (
     REDUCE_COLUMNS,
     ModelArrays,
     StrategyResults,
-    label_matrix,
+    code_lists,
     positions_of,
     with_fitted_labels,
 )
@@ -55,7 +55,7 @@ from tokmarg.records import (
     conform,
     prediction_schema,
 )
-from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, parquet_writer, slug, write_parquet
+from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, parquet_writer, slug, write_table
 from tokmarg.strategies import REGISTRY
 from tokmarg.strategies.uncertainty import fit_top_k
 
@@ -91,10 +91,8 @@ class Truth:
         return bool((~self.y_true.any(axis=1)).any())
 
     @classmethod
-    def of(cls, ds: Dataset, codes: list[str], parts: list[Partition]) -> Truth:
-        ids = pa.array([s.id for s in ds.samples], pa.string())
-        bounds = tuple((p.start, p.start + len(p.samples)) for p in parts)
-        return cls(ids, label_matrix([s.true_codes for s in ds.samples], codes), bounds)
+    def of(cls, ds: Dataset, parts: list[Partition]) -> Truth:
+        return cls(ds.ids, ds.labels, tuple((p.start, p.stop) for p in parts))
 
     def positions(self, sample_ids: pa.ChunkedArray, metas: list[PartitionMeta]) -> np.ndarray:
         """Each row's sample position, for the rows of a file holding the partitions of ``metas``."""
@@ -327,7 +325,7 @@ def reduce_run(
     started: str,
 ) -> tuple[pd.DataFrame, Manifest]:
     """Write predictions, labels, metrics, curves, cross-model tables and, last, the manifest."""
-    truth = Truth.of(ds, list(cfg.taxonomy.codes), parts)
+    truth = Truth.of(ds, parts)
     # the first of each model's workers that loaded (some never did: released before they were ready)
     loads = {
         w["model"]: w["load_seconds"] for w in reversed(launch.get("workers", [])) if w.get("load_seconds") is not None
@@ -373,7 +371,7 @@ def _manifest(
         taxonomy=cfg.taxonomy.name,
         dataset=ds.path,
         dataset_sha256=ds.sha256,
-        n_samples=len(ds.samples),
+        n_samples=len(ds),
         n_skipped=ds.n_skipped,
         skipped=list(ds.skipped),
         exclude_codes=list(cfg.taxonomy.excluded_codes),
@@ -395,12 +393,12 @@ def _manifest(
 def _write_tables(cfg: Config, ds: Dataset, out: Path, red: Reduced) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """labels.parquet, metrics.csv, curves/*.csv and tables/*.csv; returns the metrics and the tables."""
     # the truth beside the predictions: a report needs no dataset file (runs may combine across machines)
-    labels = pd.DataFrame({"sample_id": [s.id for s in ds.samples], "labels": [list(s.true_codes) for s in ds.samples]})
-    write_parquet(labels, out / LABELS_FILE, {"codes": list(cfg.taxonomy.codes), "dataset_sha256": ds.sha256})
+    labels = pa.table({"sample_id": ds.ids, "labels": code_lists(ds.labels, ds.codes)})
+    write_table(labels, out / LABELS_FILE, {"codes": list(cfg.taxonomy.codes), "dataset_sha256": ds.sha256})
     metrics = pd.DataFrame(red.metrics)
     # reference: each strategy's own time; fast: the strategies share forwards, so every row
     # shows the time of all of them together
-    n = max(1, len(ds.samples))
+    n = max(1, len(ds))
     metrics["seconds_per_sample"] = [
         red.timing[m].seconds.get(s, red.timing[m].seconds.get("all", float("nan"))) / n
         for m, s in zip(metrics.model, metrics.strategy)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from tokmarg.chat import role_patterns
 from tokmarg.config import Config, ModelConfig, build_config
 from tokmarg.data import Dataset, load_dataset
 from tokmarg.launch import Launcher, make_launcher
@@ -43,7 +42,10 @@ def load_inputs(settings: EvalSettings) -> tuple[Config, Dataset]:
     """The validated params and the dataset the settings name."""
     s = settings
     cfg = build_config(s.params, s.models, s.strategies, s.semantics, s.device, s.dtype)
-    return cfg, load_dataset(s.dataset, cfg.taxonomy, skip_invalid=s.skip_invalid, limit=s.limit)
+    ds = load_dataset(
+        s.dataset, cfg.taxonomy, skip_invalid=s.skip_invalid, limit=s.limit, fmt=s.format, columns=cfg.dataset
+    )
+    return cfg, ds
 
 
 def evaluate(settings: EvalSettings, log: Log = _stderr) -> tuple[pd.DataFrame, Manifest]:
@@ -71,7 +73,7 @@ PROMPTING = 2
 
 def job_of(cfg: Config, ds: Dataset, settings: EvalSettings) -> dict:
     """Everything that decides a run's results; a run directory continues only the same job."""
-    ids = "\n".join(s.id for s in ds.samples).encode()
+    ids = "\n".join(ds.ids.to_pylist()).encode()
     return {
         "prompting": PROMPTING,
         "models": [m.name for m in cfg.models],
@@ -83,15 +85,18 @@ def job_of(cfg: Config, ds: Dataset, settings: EvalSettings) -> dict:
         "engine": settings.engine.engine,
         "partition_size": settings.partition_size,
         "dataset_sha256": ds.sha256,
-        "n_samples": len(ds.samples),
+        "n_samples": len(ds),
         "sample_ids_sha256": hashlib.sha256(ids).hexdigest(),
         "resolved": {m.name: _resolved(m) for m in cfg.models},
         "prompt_sha256": {m.name: file_sha256(m.prompt) for m in cfg.models if m.prompt not in BUILTIN_FORMATS},
+        # how the dataset file was read, where not the default (older runs have neither key)
+        **({"dataset_format": settings.format} if settings.format else {}),
+        **({"dataset_columns": cfg.raw["dataset"]} if not cfg.dataset.empty else {}),
     }
 
 
 def _partitions(ds: Dataset, size: int) -> list[Partition]:
-    return [Partition(i, a, ds.samples[a:b], ds.has_safe) for i, (a, b) in enumerate(plan(len(ds.samples), size))]
+    return [Partition(i, a, b, ds.has_safe, ds) for i, (a, b) in enumerate(plan(len(ds), size))]
 
 
 def _check_folders(cfg: Config) -> None:
@@ -159,7 +164,7 @@ def _score(
     settings: EvalSettings,
 ) -> dict:
     todo_models = {m for m, _ in work}
-    probes = role_patterns(ds.samples)  # each worker renders one sample per conversation shape at load
+    probes = ds.probes  # each worker renders one sample per conversation shape at load
     specs = [
         WorkerSpec.from_config(
             mc,
@@ -172,7 +177,7 @@ def _score(
         for mc in cfg.models
         if mc.name in todo_models
     ]
-    sizes = {p.index: len(p.samples) for p in parts}
+    sizes = {p.index: p.stop - p.start for p in parts}
     progress = Progress(cfg, ds, done, sizes, settings.progress)
     writer = PartitionWriter(rd, cfg.taxonomy.labels)
     seen: set[tuple[str, int]] = set()

@@ -149,7 +149,7 @@ def write_run(out: Path, samples: int, models: int, seed: int = 0, per_file: int
     }
     rd = RunDir(out)
     atomic_write(rd.run_file, (json.dumps({**record, "created": now()}, indent=2, default=str) + "\n").encode())
-    ids = pa.array([s.id for s in ds.samples], pa.string())
+    ids = ds.ids
     del ds
     bounds = plan(samples, settings.partition_size)
     per_file = per_file or max(1, PartitionWriter.GROUP_SAMPLES // settings.partition_size)

@@ -16,13 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-from tokmarg.engine import DEFAULT_LOOKAHEAD, Engine
+from tokmarg.choices import Dtype, Engine, Format, Semantics, choose
+from tokmarg.engine import DEFAULT_LOOKAHEAD
 from tokmarg.errors import TokmargError
-from tokmarg.strategies.base import Semantics
 
-Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 DEFAULT_PARTITION_SIZE = 32
 
 
@@ -35,23 +34,17 @@ class SettingsError(TokmargError, ValueError):
     """An option has a value it cannot take, or may not be given with another; one line."""
 
 
-def check_choice(option: str, value: object, kind: object) -> None:
-    allowed = get_args(kind)
-    if value not in allowed:
-        raise SettingsError(f"{option}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
-
-
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs; ``engine`` changes nothing in the results, the rest only the speed."""
 
-    engine: Engine = "fast"
+    engine: Engine = Engine.FAST
     batch_size: int = 0  # samples per fast batch; 0 = auto
     max_forward_tokens: int = 0  # tokens per forward call; 0 = auto
     lookahead: int = DEFAULT_LOOKAHEAD  # greedy tokens guessed ahead at most (0: none)
 
     def __post_init__(self) -> None:
-        check_choice("--engine", self.engine, Engine)
+        object.__setattr__(self, "engine", choose(Engine, self.engine, "--engine", SettingsError))
 
     def resolved(self, on_gpu: bool) -> tuple[int, int]:
         """(batch size, max forward tokens). Attention costs time linear in the batch, and every
@@ -83,8 +76,9 @@ LAUNCH_FIELDS = tuple(f.name for f in fields(LaunchSettings) if f.name != "ray")
 # the fields of EvalSettings that decide a run's results: run.json keeps them, --resume reuses them
 RESULT_FIELDS = (
     "models", "dataset", "params", "strategies", "limit", "semantics", "engine", "device", "dtype",
-    "skip_invalid", "partition_size", "trust_remote_code", "allow_pickle",
+    "skip_invalid", "partition_size", "trust_remote_code", "allow_pickle", "format",
 )  # fmt: skip
+OPTIONAL_RESULT_FIELDS = ("format",)  # absent from runs made before it existed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,8 +93,9 @@ class EvalSettings:
     limit: int | None = None
     semantics: Semantics | None = None  # None: the params file's
     device: str = "auto"
-    dtype: Dtype = "auto"
+    dtype: Dtype = Dtype.AUTO
     skip_invalid: bool = False
+    format: Format | None = None  # the dataset file's (None: from its extension)
     partition_size: int = DEFAULT_PARTITION_SIZE
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -112,8 +107,10 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.semantics is not None:
-            check_choice("--semantics", self.semantics, Semantics)
-        check_choice("--dtype", self.dtype, Dtype)
+            object.__setattr__(self, "semantics", choose(Semantics, self.semantics, "--semantics", SettingsError))
+        object.__setattr__(self, "dtype", choose(Dtype, self.dtype, "--dtype", SettingsError))
+        if self.format is not None:
+            object.__setattr__(self, "format", choose(Format, self.format, "--format", SettingsError))
         if self.partition_size < 1:
             raise SettingsError(f"--partition-size {self.partition_size}: must be >= 1")
 
@@ -139,6 +136,7 @@ class EvalSettings:
     def _with_record(self, record: dict, where: Path) -> EvalSettings:
         """These settings with the results-deciding fields of a run's ``record`` (``run.json``
         ``args``); ``where`` names the file in errors."""
+        record = {**dict.fromkeys(OPTIONAL_RESULT_FIELDS), **record}
         missing = [k for k in RESULT_FIELDS if k not in record]
         if missing:
             raise SettingsError(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tokmarg.chat import ModelPrompt, probe_samples
 from tokmarg.config import Config, ModelConfig
-from tokmarg.data import Sample
+from tokmarg.data import Dataset, Sample
 from tokmarg.engine.score import EngineOptions, score
 from tokmarg.engine.tree import common_prefix_len
 from tokmarg.models import load_model, model_view
@@ -52,14 +52,26 @@ class WorkerSpec:
         return ModelPrompt(mc.name, tokenizer, self.fmt, mc.taxonomy, mc.answer_prefix)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Partition:
-    """A slice of the dataset: samples ``start:stop`` in file order."""
+    """A slice of the dataset: samples ``start:stop`` in file order, read from the dataset file
+    when asked for (and when sent to a Ray actor, which gets them with it)."""
 
     index: int
     start: int
-    samples: tuple[Sample, ...]
+    stop: int
     has_safe: bool  # the whole dataset has safe rows: forced-prefix strategies decide safe/unsafe first
+    dataset: Dataset | None = field(default=None, repr=False)
+    loaded: tuple[Sample, ...] | None = field(default=None, repr=False)
+
+    @property
+    def samples(self) -> tuple[Sample, ...]:
+        if self.loaded is not None or self.dataset is None:
+            return self.loaded or ()
+        return self.dataset.read(self.start, self.stop)
+
+    def __reduce__(self) -> tuple:  # pickled with its samples, without the dataset
+        return (Partition, (self.index, self.start, self.stop, self.has_safe, None, self.samples))
 
 
 def build_queries(

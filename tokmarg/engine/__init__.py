@@ -6,11 +6,10 @@ rest of the prompt; every distinct continuation node forwarded once, the nodes o
 samples and strategies together, with tree attention over one packed KV cache.
 """
 
-from typing import Literal
-
+from tokmarg.choices import Engine
 from tokmarg.errors import TokmargError
 
-Engine = Literal["fast", "reference"]
+__all__ = ["DEFAULT_LOOKAHEAD", "Engine", "EngineError"]
 DEFAULT_LOOKAHEAD = 16  # greedy tokens the fast engine guesses ahead at most (see engine.lookahead)
 
 

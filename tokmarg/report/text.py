@@ -41,13 +41,15 @@ def _fmt(v: float) -> str:
 
 def inputs_summary(settings: EvalSettings, cfg: Config, ds: Dataset) -> str:
     """What ``tokmarg validate`` prints: both files checked, and what they hold."""
-    safe = sum(1 for s in ds.samples if not s.true_codes)
+    safe = int((~ds.labels.any(axis=1)).sum())
+    per_code = ", ".join(f"{c} {int(n)}" for c, n in zip(ds.codes, ds.labels.sum(axis=0)))
     where = settings.inputs_from
     return (
         f"{settings.params}: ok ({len(cfg.strategies)} strategies, semantics {cfg.semantics}, "
         f"models {', '.join(m.name for m in cfg.models)}; from the {where.get('params', '?')})\n"
-        f"{settings.dataset}: ok ({len(ds.samples)} samples, {safe} safe, {ds.n_skipped} skipped, "
-        f"taxonomy {cfg.taxonomy.name}, sha256 {ds.sha256[:12]}; from the {where.get('dataset', '?')})"
+        f"{settings.dataset}: ok ({len(ds)} samples, {safe} safe, {len(ds) - safe} unsafe, {ds.n_skipped} skipped, "
+        f"taxonomy {cfg.taxonomy.name}, sha256 {ds.sha256[:12]}; from the {where.get('dataset', '?')})\n"
+        f"samples per code: {per_code}"
     )
 
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, get_args
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from tokmarg.choices import Semantics
 from tokmarg.matching import DecodeMatcher, TokenMatcher
 
 Matcher = DecodeMatcher | TokenMatcher
-
-Semantics = Literal["exact", "paper"]
-SEMANTICS: tuple[str, ...] = get_args(Semantics)
 
 
 class TokenLM(Protocol):

@@ -8,15 +8,12 @@ threshold fitted on the other half, so no sample's labels choose its own predict
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import numpy as np
 
+from tokmarg.choices import Calibration, choose
 from tokmarg.metrics import choose_k, t_opti
 from tokmarg.strategies.base import SampleOutput
-
-Calibration = Literal["transductive", "split"]
-CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 
 
 def fit_top_k(
@@ -41,8 +38,7 @@ def fit_top_k(
 
     With fewer than 2 eligible samples (or a fold left empty) the threshold is -inf.
     """
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration {calibration!r}; allowed: {', '.join(CALIBRATIONS)}")
+    calibration = choose(Calibration, calibration, "calibration")
     u = np.asarray(uncertainty, dtype=np.float64)
     top = np.asarray(top, dtype=np.int64).reshape(len(u), 2)
     rows = np.arange(len(u))
