@@ -266,3 +266,12 @@ def llama_guard_3_1b_dir(tmp_path_factory: pytest.TempPathFactory, llama3_tokeni
     """A tiny LlamaForCausalLM (Llama Guard 3 1B's class) with the Llama 3 tokenizer and Meta's
     Llama Guard 3 1B template (text parts, `categories`)."""
     return build_guard(tmp_path_factory.mktemp("lg3-1b"), "llama", llama3_tokenizer_dir, "llama_guard_3_1b")
+
+
+@pytest.fixture(scope="module")
+def file_per_partition():
+    """``TOKMARG_FILE_SAMPLES=1`` for a module: drivers started from it (and the Ray clusters it
+    starts, whose job drivers inherit the environment) write every partition as it finishes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKMARG_FILE_SAMPLES", "1")
+        yield

@@ -357,3 +357,15 @@ def test_intervals_above_the_row_bootstrap_limit_agree_with_it() -> None:
     )["roc_auc_micro"]  # small runs keep the row bootstrap's numbers
     m = compute_metrics(y, p, s, codes=["a", "b", "c", "d"], n_boot=100)
     assert m["f1_micro_ci_method"] == "bootstrap-grouped" and m["roc_auc_micro_ci_replicates"] == 0
+
+
+def test_a_columns_ranking_from_the_whole_sort_is_sklearns() -> None:
+    from tokmarg.metrics import Ranking
+
+    rng = np.random.default_rng(11)
+    y = rng.random((400, 5)) < 0.3
+    s = np.round(rng.random((400, 5)), 2)  # ties within and across columns
+    whole = Ranking.of(y, s, keep_pairs=True)
+    for j in range(5):
+        assert whole.column(j, 5).roc_auc() == roc_auc_score(y[:, j], s[:, j])
+        assert whole.column(j, 5).average_precision() == average_precision_score(y[:, j], s[:, j])

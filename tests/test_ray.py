@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from tokmarg.cli import app
 from tokmarg.strategies import REGISTRY
 
-pytestmark = pytest.mark.ray
+# file_per_partition: these tests watch partition files appear mid-run
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("file_per_partition")]
 REPO = Path(__file__).resolve().parents[1]
 SMOL = "smollm2-135m-instruct"
 PORT, PORT_BASE = 6391, 23000  # away from a user's own cluster on the defaults
@@ -69,17 +70,6 @@ def _args(models: list[str], inputs: tuple[Path, Path], out: Path, *extra: str) 
     return ["eval", "--models", *models, "--dataset", str(data), "--params", str(params), "--out", str(out), *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _file_per_partition():
-    """Drivers (and the clusters' job drivers, which inherit the environment) write every partition
-    as it finishes: these tests watch partition files appear mid-run."""
-    old = os.environ.get("TOKMARG_FILE_SAMPLES")
-    os.environ["TOKMARG_FILE_SAMPLES"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TOKMARG_FILE_SAMPLES", None)
-    else:
-        os.environ["TOKMARG_FILE_SAMPLES"] = old
 
 
 def _driver(args: list[str]) -> subprocess.Popen:

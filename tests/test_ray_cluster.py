@@ -21,7 +21,8 @@ import pytest
 
 from tokmarg.strategies import REGISTRY
 
-pytestmark = pytest.mark.ray
+# file_per_partition: these tests watch partition files appear mid-run
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("file_per_partition")]
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "cluster" / "local_cluster.sh")
 RAY = str(Path(sys.executable).parent / "ray")
@@ -29,17 +30,6 @@ N = 12
 SMOL = "smollm2-135m-instruct"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _file_per_partition():
-    """Drivers (and the clusters' job drivers, which inherit the environment) write every partition
-    as it finishes: these tests watch partition files appear mid-run."""
-    old = os.environ.get("TOKMARG_FILE_SAMPLES")
-    os.environ["TOKMARG_FILE_SAMPLES"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TOKMARG_FILE_SAMPLES", None)
-    else:
-        os.environ["TOKMARG_FILE_SAMPLES"] = old
 
 
 def _cluster_env(port: int, **extra: str) -> dict[str, str]:

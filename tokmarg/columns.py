@@ -53,6 +53,14 @@ class StrategyResults:
         """(n, len(codes)): the scores without the ``unsafe`` column."""
         return None if self.scores is None else self.scores[:, 1:]
 
+    def slim(self) -> StrategyResults:
+        """These results with only what writing fitted ``pred_labels`` needs (top codes, how many)."""
+        empty = np.zeros(0)
+        return StrategyResults(
+            self.model, self.strategy, None, np.zeros((0, 0), bool), empty, self.top.astype(np.int16), empty,
+            np.zeros(0, bool), np.zeros(0, np.int64), None if self.keep is None else self.keep.astype(np.int8),
+        )  # fmt: skip
+
     def set_top_k(self, keep: np.ndarray) -> None:
         """Predict each sample's ``keep[i]`` best codes (the uncertainty strategies' fit)."""
         self.keep = np.asarray(keep, dtype=np.int64)

@@ -26,6 +26,7 @@ N-th valid sample are neither validated nor counted as skipped.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -138,7 +139,7 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
+    @functools.cached_property
     def has_safe(self) -> bool:
         """Whether any sample is labelled safe (empty labels)."""
         return bool((~self.labels.any(axis=1)).any())

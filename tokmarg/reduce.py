@@ -55,7 +55,17 @@ from tokmarg.records import (
     conform,
     prediction_schema,
 )
-from tokmarg.rundir import LABELS_FILE, RunDir, RunError, atomic_write, now, parquet_writer, slug, write_table
+from tokmarg.rundir import (
+    LABELS_FILE,
+    PartitionFile,
+    RunDir,
+    RunError,
+    atomic_write,
+    now,
+    parquet_writer,
+    slug,
+    write_table,
+)
 from tokmarg.strategies import REGISTRY
 from tokmarg.strategies.uncertainty import fit_top_k
 
@@ -246,72 +256,86 @@ def _same_precision(model: str, metas: list[PartitionMeta], rd: RunDir) -> None:
         )
 
 
-def _read_model(
-    cfg: Config, truth: Truth, rd: RunDir, model: str
-) -> tuple[ModelArrays, dict[str, StrategyResults], list[PartitionMeta]]:
-    """A model's partition files read column-wise into arrays (each file opened once), every
-    partition held by exactly one file and every strategy holding one row per sample."""
-    labels = list(cfg.taxonomy.labels)
-    arrays = ModelArrays(model, list(cfg.strategies), truth.n, labels)
-    metas: list[PartitionMeta] = []
+def _open_model(truth: Truth, rd: RunDir, model: str) -> tuple[list[PartitionFile], list[PartitionMeta]]:
+    """A model's partition files, each opened once (footer read), every partition held by exactly one."""
+    files = [rd.open_partition_file(path) for path in rd.partition_files(model)]
     held: dict[int, Path] = {}
-    for path in rd.partition_files(model):
-        table, fm = rd.read_partition_file(path, REDUCE_COLUMNS)
-        try:
-            table = conform(table, labels, REDUCE_COLUMNS)
-            arrays.add(table, truth.positions(table.column("sample_id"), fm))
-        except RecordError as e:
-            raise RunError(f"{path}: {e}; delete it and resume to recompute it") from None
-        for m in fm:
+    for f in files:
+        for m in f.metas:
             if m.index in held:
-                raise RunError(f"{path} and {held[m.index]} both hold partition {m.index}; delete one and resume")
-            held[m.index] = path
-        metas.extend(fm)
+                raise RunError(f"{f.path} and {held[m.index]} both hold partition {m.index}; delete one and resume")
+            held[m.index] = f.path
     missing = sorted(set(range(len(truth.bounds))) - set(held))
     if missing:
         raise RunError(
             f"{rd.part_path(model, missing[0])}: partition {missing[0]} of model {model!r} is missing "
             f"({len(missing)} in all); run `tokmarg eval --resume {rd.path}` to compute it"
         )
+    return files, [m for f in files for m in f.metas]
+
+
+def _read_strategy(cfg: Config, truth: Truth, files: list[PartitionFile], model: str, strategy: str) -> StrategyResults:
+    """One model x strategy as arrays: its rows of every file (each file's own row group),
+    column-wise, checked to be one per sample."""
+    labels = list(cfg.taxonomy.labels)
+    arrays = ModelArrays(model, [strategy], truth.n, labels)
+    for f in files:
+        try:
+            table = conform(f.read(REDUCE_COLUMNS, strategy), labels, REDUCE_COLUMNS)
+            arrays.add(table, truth.positions(table.column("sample_id"), f.metas))
+        except RecordError as e:
+            raise RunError(f"{f.path}: {e}; delete it and resume to recompute it") from None
     try:
-        return arrays, arrays.results(), metas
+        return arrays.results()[strategy]
     except RecordError as e:
-        raise RunError(f"{rd.path / 'partitions' / slug(model)}: {e}; delete it and resume to recompute it") from None
+        folder = files[0].path.parent if files else model
+        raise RunError(f"{folder}: {e}; delete it and resume to recompute it") from None
 
 
 def _write_predictions(
-    cfg: Config, truth: Truth, rd: RunDir, model: str, arrays: ModelArrays, results: Mapping[str, StrategyResults]
+    cfg: Config, truth: Truth, rd: RunDir, model: str, files: list[PartitionFile], fitted: dict[str, StrategyResults]
 ) -> None:
     """``predictions/<model>.parquet``: the partition files streamed through once more, a file at
     a time, with the fitted kinds' ``pred_labels`` set."""
     labels = list(cfg.taxonomy.labels)
     codes = list(cfg.taxonomy.codes)
     schema = prediction_schema(labels)
-    fitted = [results[s] if results[s].keep is not None else None for s in arrays.strategies]
+    arrays = ModelArrays(model, list(cfg.strategies), 0, labels)  # for the strategies' indices only
+    by_index = [fitted.get(s) for s in cfg.strategies]
     with parquet_writer(rd.path / "predictions" / f"{slug(model)}.parquet", schema, **PARQUET_OPTIONS) as w:
-        for path in rd.partition_files(model):
-            table, fm = rd.read_partition_file(path, schema.names)
-            table = conform(table, labels)
-            pos = truth.positions(table.column("sample_id"), fm)
-            w.write_table(with_fitted_labels(table, arrays.strategy_index(table), pos, fitted, codes))
+        for f in files:
+            table = conform(f.read(schema.names), labels)
+            pos = truth.positions(table.column("sample_id"), f.metas)
+            w.write_table(with_fitted_labels(table, arrays.strategy_index(table), pos, by_index, codes))
 
 
 def _reduce_model(cfg: Config, truth: Truth, rd: RunDir, mc: ModelConfig, red: Reduced, load: float | None) -> None:
-    """One model: read, fit, measure each strategy (metrics, curves), write its predictions."""
-    arrays, results, metas = _read_model(cfg, truth, rd, mc.name)
+    """One model, a strategy at a time: read its arrays, fit (uncertainty kinds), measure (metrics,
+    curves), keep only what the predictions need; then write the predictions."""
+    files, metas = _open_model(truth, rd, mc.name)
     _same_precision(mc.name, metas, rd)
-    red.t_opti[mc.name] = fit_uncertainty(results, truth.y_true, cfg.calibration, cfg.seed)
     codes = list(cfg.taxonomy.codes)
-    for s, r in results.items():
+    fitted: dict[str, StrategyResults] = {}
+    tokens = 0
+    for s in cfg.strategies:
+        r = _read_strategy(cfg, truth, files, mc.name, s)
+        t = fit_uncertainty({s: r}, truth.y_true, cfg.calibration, cfg.seed)
+        if t:
+            red.t_opti.setdefault(mc.name, {}).update(t)
         ys = r.code_scores()
         ranking = None if ys is None else Ranking.of(truth.y_true, ys, keep_pairs=truth.n > ROW_BOOTSTRAP_MAX)
         threshold = mc.params[s].threshold
         red.metrics.append(metrics_row(r, truth.y_true, codes, threshold, truth.has_safe, cfg.seed, ranking=ranking))
         if ys is not None and REGISTRY[s].kind.thresholded:
             red.f1[mc.name, s], red.bins[mc.name, s] = score_curves(truth.y_true, ys, ranking)
-    red.tokens[mc.name] = int(sum(int(r.tokens_forwarded.sum()) for r in results.values()))
+        tokens += int(r.tokens_forwarded.sum())
+        if r.keep is not None:  # what the predictions need of a fitted strategy: its top codes and how many
+            fitted[s] = r.slim()
+        del r, ys, ranking
+    red.t_opti.setdefault(mc.name, {})
+    red.tokens[mc.name] = tokens
     red.timing[mc.name] = ModelSummary.of(metas, load)
-    _write_predictions(cfg, truth, rd, mc.name, arrays, results)
+    _write_predictions(cfg, truth, rd, mc.name, files, fitted)
 
 
 def reduce_run(
@@ -331,7 +355,7 @@ def reduce_run(
         w["model"]: w["load_seconds"] for w in reversed(launch.get("workers", [])) if w.get("load_seconds") is not None
     }
     red = Reduced()
-    for mc in cfg.models:
+    for mc in cfg.models:  # (writing a model's predictions while the next is measured cost +1 GB at 1M)
         _reduce_model(cfg, truth, rd, mc, red, loads.get(mc.name))
     metrics, tables = _write_tables(cfg, ds, rd.path, red)
     manifest = _manifest(cfg, ds, record, parts, launch, done_before, started, red, tables)

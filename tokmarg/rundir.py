@@ -24,12 +24,13 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tokmarg.errors import TokmargError
@@ -102,6 +103,47 @@ def parquet_writer(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_partition_file(path: Path, metas: list[dict], table: pa.Table) -> None:
+    """Partitions of one model as one file: a row group per strategy (a reader takes one
+    strategy's rows without decoding the others'), the partitions' metas and the strategies'
+    order in the metadata."""
+    strategies = list(dict.fromkeys(table.column("strategy").to_pylist()))
+    meta = {**(metas[0] if len(metas) == 1 else {"partitions": metas}), "strategies": strategies}
+    col = table.column("strategy")
+    with parquet_writer(path, table.schema, meta, **PARQUET_OPTIONS) as w:
+        for s in strategies:
+            w.write_table(table.filter(pc.equal(col, s)))
+
+
+class PartitionFile:
+    """An open partition file: its partitions (metas) and its rows, a strategy at a time."""
+
+    def __init__(self, path: Path, f: pq.ParquetFile, metas_of: Callable[[Path, dict], list[PartitionMeta]]) -> None:
+        self.path, self.f = path, f
+        schema = f.schema_arrow
+        self.names = set(schema.names)
+        meta = json.loads((schema.metadata or {}).get(b"tokmarg", b"{}"))
+        self.metas = metas_of(path, meta)
+        self.strategies: list[str] | None = meta.get("strategies")
+        if self.strategies is not None and len(self.strategies) != f.num_row_groups:
+            self.strategies = None  # not one row group per strategy: read whole and filter
+
+    def read(self, columns: Sequence[str], strategy: str | None = None) -> pa.Table:
+        """The ``columns`` (those the file has) of every row, or of ``strategy``'s rows."""
+        present = [c for c in columns if c in self.names]
+        try:
+            if strategy is None:
+                return self.f.read(columns=present)
+            if self.strategies is not None:
+                if strategy not in self.strategies:
+                    return self.f.schema_arrow.empty_table().select(present)  # no rows of it here
+                return self.f.read_row_group(self.strategies.index(strategy), columns=present)
+            t = self.f.read(columns=list(dict.fromkeys([*present, "strategy"])))
+            return t.filter(pc.equal(t.column("strategy"), strategy)).select(present)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise RunError(f"{self.path}: {str(e).splitlines()[0]}; delete it and resume to recompute it") from None
 
 
 def parquet_meta(path: Path) -> dict:
@@ -220,10 +262,11 @@ class RunDir:
         fresh = sorted({r.index: r for r in results if r.index not in done}.values(), key=lambda r: r.index)
         if not fresh:
             return 0
-        metas = [r.meta.to_dict() for r in fresh]
-        table = pa.concat_tables([r.table(labels) for r in fresh])
-        meta = metas[0] if len(metas) == 1 else {"partitions": metas}
-        write_table(table, self.part_path(model, fresh[0].index), meta, **PARQUET_OPTIONS)
+        write_partition_file(
+            self.part_path(model, fresh[0].index),
+            [r.meta.to_dict() for r in fresh],
+            pa.concat_tables([r.table(labels) for r in fresh]),
+        )
         done.update(r.index for r in fresh)
         return len(fresh)
 
@@ -241,15 +284,17 @@ class RunDir:
                 f"{path}: its metadata names no partitions ({e}); delete it and resume to recompute it"
             ) from None
 
-    def read_partition_file(self, path: Path, columns: Sequence[str]) -> tuple[pa.Table, list[PartitionMeta]]:
-        """The ``columns`` of one partition file and the partitions it holds (one open)."""
+    def open_partition_file(self, path: Path) -> PartitionFile:
+        """One partition file, opened (its footer read) once; RunError if it cannot be."""
         try:
-            f = pq.ParquetFile(path)
-            meta = json.loads((f.schema_arrow.metadata or {}).get(b"tokmarg", b"{}"))
-            present = [c for c in columns if c in f.schema_arrow.names]
-            return f.read(columns=present), self._metas(path, meta)
+            return PartitionFile(path, pq.ParquetFile(path), self._metas)
         except (OSError, ValueError, pa.ArrowException) as e:
             raise RunError(f"{path}: {str(e).splitlines()[0]}; delete it and resume to recompute it") from None
+
+    def read_partition_file(self, path: Path, columns: Sequence[str]) -> tuple[pa.Table, list[PartitionMeta]]:
+        """The ``columns`` of one partition file and the partitions it holds."""
+        f = self.open_partition_file(path)
+        return f.read(columns), f.metas
 
     def clean_temporaries(self) -> int:
         """Remove temporary files an interrupted writer left behind; returns how many."""

@@ -96,7 +96,8 @@ def job_of(cfg: Config, ds: Dataset, settings: EvalSettings) -> dict:
 
 
 def _partitions(ds: Dataset, size: int) -> list[Partition]:
-    return [Partition(i, a, b, ds.has_safe, ds) for i, (a, b) in enumerate(plan(len(ds), size))]
+    has_safe = ds.has_safe
+    return [Partition(i, a, b, has_safe, ds) for i, (a, b) in enumerate(plan(len(ds), size))]
 
 
 def _check_folders(cfg: Config) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tokmarg.records import EXTRA_FIELDS, PARQUET_OPTIONS, PartitionMeta, prediction_schema
-from tokmarg.rundir import FORMAT, PartitionWriter, RunDir, RunError, atomic_write, now, plan, write_table
+from tokmarg.records import EXTRA_FIELDS, PartitionMeta, prediction_schema
+from tokmarg.rundir import FORMAT, PartitionWriter, RunDir, RunError, atomic_write, now, plan, write_partition_file
 from tokmarg.strategies import REGISTRY
 
 PARAMS = Path(__file__).parent / "defaults" / "params.yaml"
@@ -167,8 +167,7 @@ def write_run(out: Path, samples: int, models: int, seed: int = 0, per_file: int
                 PartitionMeta(model, i, {"all": 0.1 * (bounds[i][1] - bounds[i][0])}, 0, 100, 3, _WORKER).to_dict()
                 for i in group
             ]
-            meta = metas[0] if len(metas) == 1 else {"partitions": metas}
-            write_table(pa.concat_tables(tables), rd.part_path(model, group[0]), meta, **PARQUET_OPTIONS)
+            write_partition_file(rd.part_path(model, group[0]), metas, pa.concat_tables(tables))
     return out
 
 

@@ -72,18 +72,21 @@ def calibration_bins(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_
     Returns:
         (n_bins, 3) float array: per bin the pair count, the sum of scores and the sum of labels.
     """
-    y = np.asarray(y_true, dtype=float).ravel()
-    s = np.asarray(y_score, dtype=float).ravel()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
-    return np.stack(
-        [
-            np.bincount(idx, minlength=n_bins).astype(float),
-            np.bincount(idx, weights=s, minlength=n_bins),
-            np.bincount(idx, weights=y, minlength=n_bins),
-        ],
-        axis=1,
-    )
+    out = np.zeros((n_bins, 3))
+    for y, s in _chunks(y_true, y_score):  # rows at a time: no copy of the whole as float
+        y = np.asarray(y, dtype=float).ravel()
+        s = np.asarray(s, dtype=float).ravel()
+        idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
+        out += np.stack(
+            [
+                np.bincount(idx, minlength=n_bins).astype(float),
+                np.bincount(idx, weights=s, minlength=n_bins),
+                np.bincount(idx, weights=y, minlength=n_bins),
+            ],
+            axis=1,
+        )
+    return out
 
 
 def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -107,9 +110,28 @@ def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, n_bins: 
 
 def brier_score(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Mean squared error between scores and 0/1 labels over all flattened pairs (NaN if empty)."""
-    y = np.asarray(y_true, dtype=float).ravel()
-    s = np.asarray(y_score, dtype=float).ravel()
-    return float(np.mean((s - y) ** 2)) if s.size else float("nan")
+    n = np.asarray(y_score).size
+    if n == 0:
+        return float("nan")
+    total = 0.0
+    for y, s in _chunks(y_true, y_score):
+        y = np.asarray(y, dtype=float).ravel()
+        s = np.asarray(s, dtype=float).ravel()
+        total += float(np.sum((s - y) ** 2))
+    return total / n
+
+
+CHUNK_ROWS = 1 << 16  # rows per step of the metrics that would otherwise copy the whole (n, k) as float
+
+
+def _chunks(y: np.ndarray, s: np.ndarray):  # noqa: ANN202 - an iterator of array pairs
+    """(y, s) a block of rows at a time (the whole at once up to :data:`CHUNK_ROWS` rows)."""
+    y, s = np.asarray(y), np.asarray(s)
+    if y.ndim < 2 or len(y) <= CHUNK_ROWS:
+        yield y, s
+        return
+    for a in range(0, len(y), CHUNK_ROWS):
+        yield y[a : a + CHUNK_ROWS], s[a : a + CHUNK_ROWS]
 
 
 def _binary_view(
@@ -190,7 +212,12 @@ def compute_metrics(
     out.update(_score_metrics(yt, ys, ranking))
     for j, code in enumerate(codes):
         out[f"f1/{code}"] = per_f1[j]
-        out[f"roc_auc/{code}"] = _safe_auc(yt[:, j], ys[:, j]) if ys is not None else nan
+        if ys is None:
+            out[f"roc_auc/{code}"] = nan
+        elif ranking is not None and ranking.pairs is not None:  # from the micro ranking's sort
+            out[f"roc_auc/{code}"] = ranking.column(j, k).roc_auc()
+        else:
+            out[f"roc_auc/{code}"] = _safe_auc(yt[:, j], ys[:, j])
     if unsafe_true is not None:
         if np.asarray(unsafe_true).ravel().shape != (n,):
             raise ValueError(f"unsafe_true must have shape ({n},)")

@@ -37,14 +37,37 @@ class Ranking:
         sf = np.asarray(s, dtype=np.float64).ravel()
         if yf.shape != sf.shape:
             raise ValueError(f"labels {yf.shape} and scores {sf.shape} differ in shape")
-        order = np.argsort(sf)  # the order within ties does not change any count
+        idx = np.int32 if sf.size < 2**31 else np.int64  # half the memory of the sort's arrays
+        order = np.argsort(sf).astype(idx, copy=False)  # the order within ties does not change any count
         ss = sf[order]
+        del sf
         ys = yf[order]
         last = np.r_[ss[1:] != ss[:-1], True] if ss.size else np.zeros(0, dtype=bool)
         ends = np.flatnonzero(last)
-        pos_le = np.cumsum(ys, dtype=np.int64)[ends] if ss.size else np.zeros(0, dtype=np.int64)
-        pairs = (order, ys, np.cumsum(last) - last) if keep_pairs else None
-        return cls(values=ss[ends], pos_le=pos_le, n_le=ends.astype(np.int64) + 1, pairs=pairs)
+        pos_le = np.cumsum(ys, dtype=idx)[ends] if ss.size else np.zeros(0, dtype=idx)
+        pairs = (order, ys, (np.cumsum(last, dtype=idx) - last)) if keep_pairs else None
+        return cls(values=ss[ends], pos_le=pos_le, n_le=(ends + 1).astype(idx), pairs=pairs)
+
+    def column(self, j: int, k: int) -> Ranking:
+        """The ranking of column ``j`` of the (n, ``k``) pairs this one ranked (made with
+        ``keep_pairs``): its pairs are in score order within the whole's order, so no sort."""
+        order, ys, group = self.pairs  # type: ignore[misc]
+        code = self._code_of(k)
+        g = group[code == j]
+        y = ys[code == j]
+        last = np.r_[g[1:] != g[:-1], True] if g.size else np.zeros(0, dtype=bool)
+        ends = np.flatnonzero(last)
+        pos_le = np.cumsum(y, dtype=np.int64)[ends] if g.size else np.zeros(0, dtype=np.int64)
+        return Ranking(values=self.values[g[ends]], pos_le=pos_le, n_le=ends.astype(np.int64) + 1)
+
+    def _code_of(self, k: int) -> np.ndarray:
+        """Each sorted pair's column (cached: every column asks for it)."""
+        cached = self.__dict__.get("_code_cache")
+        if cached is None or cached[0] != k:
+            dtype = np.int8 if k < 128 else np.int32
+            cached = (k, (self.pairs[0] % k).astype(dtype))  # type: ignore[index]
+            object.__setattr__(self, "_code_cache", cached)
+        return cached[1]
 
     @property
     def positives(self) -> int:
@@ -94,8 +117,8 @@ class Ranking:
         prev = below - 1
         n_lt = np.where(below > 0, self.n_le[np.maximum(prev, 0)], 0)
         pos_lt = np.where(below > 0, self.pos_le[np.maximum(prev, 0)], 0)
-        n_pred = self.size - n_lt
-        tp = self.positives - pos_lt
+        n_pred = self.size - n_lt.astype(np.int64)
+        tp = self.positives - pos_lt.astype(np.int64)
         den = n_pred + self.positives
         return np.where(den > 0, 2.0 * tp / np.where(den > 0, den, 1), 0.0)
 
@@ -130,9 +153,13 @@ def clustered_delong(y: np.ndarray, s: np.ndarray, ranking: Ranking | None = Non
     pos_lt = np.r_[0, r.pos_le[:-1]]
     v10 = (neg_lt + 0.5 * (neg_le - neg_lt)) / big_n  # per group: a positive's placement
     v01 = (big_m - r.pos_le + 0.5 * (r.pos_le - pos_lt)) / big_m  # a negative's
-    row = order // k
-    s10 = np.bincount(row[ys], weights=v10[group[ys]], minlength=n)
-    s01 = np.bincount(row[~ys], weights=v01[group[~ys]], minlength=n)
+    s10, s01 = np.zeros(n), np.zeros(n)
+    step = 1 << 22  # pairs at a time: the temporaries stay small
+    for a in range(0, len(order), step):
+        o, y_, g = order[a : a + step], ys[a : a + step], group[a : a + step]
+        row = o // k
+        s10 += np.bincount(row[y_], weights=v10[g[y_]], minlength=n)
+        s01 += np.bincount(row[~y_], weights=v01[g[~y_]], minlength=n)
     m_i = yt.sum(axis=1).astype(np.float64)
     n_i = k - m_i
     auc = float(s10.sum() / big_m)
