@@ -70,8 +70,6 @@ def _args(models: list[str], inputs: tuple[Path, Path], out: Path, *extra: str) 
     return ["eval", "--models", *models, "--dataset", str(data), "--params", str(params), "--out", str(out), *extra]
 
 
-
-
 def _driver(args: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(

@@ -30,8 +30,6 @@ N = 12
 SMOL = "smollm2-135m-instruct"
 
 
-
-
 def _cluster_env(port: int, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
