@@ -140,17 +140,7 @@ class ModelArrays:
         ]
 
     def strategy_index(self, table: pa.Table) -> np.ndarray:
-        """Each row's strategy as an index of ``strategies``; RecordError on another model or strategy."""
-        if "model" in table.column_names and table.num_rows:
-            models = pc.unique(table.column("model")).to_pylist()
-            if models != [self.model]:
-                other = next(m for m in models if m != self.model)
-                raise RecordError(f"holds results of model {other!r}, not only of {self.model!r}")
-        idx = pc.index_in(table.column("strategy"), value_set=pa.array(self.strategies, pa.string()))
-        if idx.null_count:
-            bad = table.column("strategy").filter(pc.is_null(idx))[0].as_py()
-            raise RecordError(f"holds strategy {bad!r}, which the run does not compute")
-        return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+        return strategy_index(table, self.model, self.strategies)
 
     def add(self, table: pa.Table, positions: np.ndarray) -> None:
         """Place the rows of ``table`` (conformed columns of :data:`REDUCE_COLUMNS`, or fewer) at
@@ -211,6 +201,20 @@ class ModelArrays:
             )
             for s, (name, a) in enumerate(zip(self.strategies, self._a))
         }
+
+
+def strategy_index(table: pa.Table, model: str, strategies: Sequence[str]) -> np.ndarray:
+    """Each row's strategy as an index of ``strategies``; RecordError on another model or strategy."""
+    if "model" in table.column_names and table.num_rows:
+        models = pc.unique(table.column("model")).to_pylist()
+        if models != [model]:
+            other = next(m for m in models if m != model)
+            raise RecordError(f"holds results of model {other!r}, not only of {model!r}")
+    idx = pc.index_in(table.column("strategy"), value_set=pa.array(list(strategies), pa.string()))
+    if idx.null_count:
+        bad = table.column("strategy").filter(pc.is_null(idx))[0].as_py()
+        raise RecordError(f"holds strategy {bad!r}, which the run does not compute")
+    return idx.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def with_fitted_labels(

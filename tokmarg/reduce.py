@@ -31,6 +31,7 @@ from tokmarg.columns import (
     StrategyResults,
     code_lists,
     positions_of,
+    strategy_index,
     with_fitted_labels,
 )
 from tokmarg.config import Config, ModelConfig
@@ -300,13 +301,13 @@ def _write_predictions(
     labels = list(cfg.taxonomy.labels)
     codes = list(cfg.taxonomy.codes)
     schema = prediction_schema(labels)
-    arrays = ModelArrays(model, list(cfg.strategies), 0, labels)  # for the strategies' indices only
     by_index = [fitted.get(s) for s in cfg.strategies]
     with parquet_writer(rd.path / "predictions" / f"{slug(model)}.parquet", schema, **PARQUET_OPTIONS) as w:
         for f in files:
             table = conform(f.read(schema.names), labels)
             pos = truth.positions(table.column("sample_id"), f.metas)
-            w.write_table(with_fitted_labels(table, arrays.strategy_index(table), pos, by_index, codes))
+            index = strategy_index(table, model, cfg.strategies)
+            w.write_table(with_fitted_labels(table, index, pos, by_index, codes))
 
 
 def _reduce_model(cfg: Config, truth: Truth, rd: RunDir, mc: ModelConfig, red: Reduced, load: float | None) -> None:
