@@ -12,6 +12,7 @@ a 101-point grid, bins, costs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -97,8 +98,8 @@ class Truth:
     def n(self) -> int:
         return len(self.ids)
 
-    @property
-    def has_safe(self) -> bool:
+    @functools.cached_property
+    def has_safe(self) -> bool:  # asked once per model x strategy
         return bool((~self.y_true.any(axis=1)).any())
 
     @classmethod

@@ -127,11 +127,10 @@ def threshold_transfer(
 def transfer_table(f1: dict[str, np.ndarray], thresholds: np.ndarray, include_self: bool = False) -> pd.DataFrame:
     """:func:`threshold_transfer` from each model's micro F1 at every threshold (model -> (T,) array)."""
     th = np.asarray(thresholds, dtype=float).ravel()
-    curves = f1
     rows = []
-    for src in curves:
+    for src in f1:
         i = int(np.argmax(f1[src]))
-        for tgt in curves:
+        for tgt in f1:
             if tgt == src and not include_self:
                 continue
             at, best = float(f1[tgt][i]), float(f1[tgt].max())
