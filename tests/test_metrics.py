@@ -320,6 +320,43 @@ def test_ranking_gives_sklearns_values_bit_for_bit() -> None:
     assert math.isnan(Ranking.of(np.ones(3, bool), np.arange(3.0)).roc_auc())
 
 
+def test_ranking_walked_in_blocks_gives_sklearns_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above BLOCK distinct scores the curve sums go a block at a time: same points, same sums."""
+    from tokmarg.metrics import Ranking, ranking
+
+    rng = np.random.default_rng(5)
+    for block in (1, 2, 3, 7, 64):
+        monkeypatch.setattr(ranking, "BLOCK", block)
+        for case in range(12):
+            n, k = int(rng.integers(2, 120)), int(rng.integers(1, 4))
+            y = rng.random((n, k)) < rng.uniform(0.05, 0.6)
+            s = rng.random((n, k))
+            if case % 2:
+                s = np.round(s, 1)  # ties, and collinear runs the ROC curve drops
+            r = Ranking.of(y, s)
+            if y.any() and not y.all():
+                assert r.roc_auc() == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), rel=1e-12, abs=1e-15)
+            if y.any():
+                got, want = r.average_precision(), average_precision_score(y.ravel(), s.ravel())
+                assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_sorted_pairs_walked_in_steps_give_the_same_columns_and_variance(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokmarg.metrics import Ranking, clustered_delong, ranking
+
+    rng = np.random.default_rng(9)
+    y = rng.random((150, 4)) < 0.3
+    s = np.round(rng.random((150, 4)), 2)  # ties within and across columns
+    whole = clustered_delong(y, s)
+    for step in (1, 5, 64):
+        monkeypatch.setattr(ranking, "PAIR_STEP", step)
+        r = Ranking.of(y, s, keep_pairs=True)
+        for j, column in enumerate(r.columns(4)):
+            assert column.roc_auc() == roc_auc_score(y[:, j], s[:, j])
+        auc, var = clustered_delong(y, s, r)
+        assert auc == pytest.approx(whole[0], rel=1e-12) and var == pytest.approx(whole[1], rel=1e-9)
+
+
 def test_clustered_delong_hand_cases() -> None:
     from tokmarg.metrics import clustered_delong
 
@@ -366,6 +403,6 @@ def test_a_columns_ranking_from_the_whole_sort_is_sklearns() -> None:
     y = rng.random((400, 5)) < 0.3
     s = np.round(rng.random((400, 5)), 2)  # ties within and across columns
     whole = Ranking.of(y, s, keep_pairs=True)
-    for j in range(5):
-        assert whole.column(j, 5).roc_auc() == roc_auc_score(y[:, j], s[:, j])
-        assert whole.column(j, 5).average_precision() == average_precision_score(y[:, j], s[:, j])
+    for j, column in enumerate(whole.columns(5)):
+        assert column.roc_auc() == roc_auc_score(y[:, j], s[:, j])
+        assert column.average_precision() == average_precision_score(y[:, j], s[:, j])

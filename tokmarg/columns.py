@@ -40,7 +40,7 @@ class StrategyResults:
 
     model: str
     strategy: str
-    scores: np.ndarray | None  # (n, len(labels)) float, ``unsafe`` first, no score = 0; None: no scores at all
+    code_scores: np.ndarray | None  # (n, len(codes)) float, C-contiguous, no score = 0; None: no scores at all
     named: np.ndarray  # (n, len(codes)) bool: the codes each sample names (the fit sets the fitted kinds')
     uncertainty: np.ndarray  # (n,) float, NaN where the strategy has none
     top: np.ndarray  # (n, 2) int: best and second-best code by evidence as a code column, -1 none
@@ -48,10 +48,15 @@ class StrategyResults:
     unsafe_in_output: np.ndarray  # (n,) bool: the greedy output says unsafe
     tokens_forwarded: np.ndarray  # (n,) int
     keep: np.ndarray | None = None  # (n,) int: top codes predicted (0, 1, 2), set by the uncertainty fit
+    unsafe_score: np.ndarray | None = None  # (n,) float, no score = 0; None with ``code_scores``
 
-    def code_scores(self) -> np.ndarray | None:
-        """(n, len(codes)): the scores without the ``unsafe`` column."""
-        return None if self.scores is None else self.scores[:, 1:]
+    @property
+    def scores(self) -> np.ndarray | None:
+        """(n, len(labels)): ``unsafe`` first, then the codes (a copy)."""
+        if self.code_scores is None:
+            return None
+        unsafe = np.zeros(len(self.code_scores)) if self.unsafe_score is None else self.unsafe_score
+        return np.column_stack([unsafe, self.code_scores])
 
     def slim(self) -> StrategyResults:
         """These results with only what writing fitted ``pred_labels`` needs (top codes, how many)."""
@@ -123,12 +128,13 @@ class ModelArrays:
     def __init__(self, model: str, strategies: Sequence[str], n: int, labels: Sequence[str]) -> None:
         self.model, self.strategies, self.n, self.labels = model, list(strategies), n, list(labels)
         self.codes = self.labels[1:]
-        k, nl = len(self.codes), len(self.labels)
+        k = len(self.codes)
         self._seen = np.zeros((len(self.strategies), n), dtype=np.int64)
         self._has_scores = np.zeros(len(self.strategies), dtype=bool)
         self._a = [
             {
-                "scores": np.zeros((n, nl)),
+                "unsafe_score": np.zeros(n),
+                "code_scores": np.zeros((n, k)),  # apart from unsafe: flattened without a copy
                 "named": np.zeros((n, k), dtype=bool),
                 "uncertainty": np.full(n, np.nan),
                 "top": np.full((n, 2), -1, dtype=np.int64),
@@ -154,11 +160,16 @@ class ModelArrays:
             valid = pc.is_valid(sc).to_numpy(zero_copy_only=False)
             for s, rows in enumerate(rows_of):
                 self._has_scores[s] |= bool(valid[rows].any())
-            whole["scores"] = np.zeros((len(sc), len(self.labels)))
+            whole["unsafe_score"] = np.zeros(len(sc))
+            whole["code_scores"] = np.zeros((len(sc), len(self.codes)))
             for j, lab in enumerate(self.labels):
                 f = _struct_field(sc, lab)
-                if f is not None:
-                    whole["scores"][:, j] = _floats(f, 0.0)
+                if f is None:
+                    continue
+                if j == 0:
+                    whole["unsafe_score"][:] = _floats(f, 0.0)
+                else:
+                    whole["code_scores"][:, j - 1] = _floats(f, 0.0)
         if "pred_labels" in cols:
             whole["named"] = _code_matrix(table.column("pred_labels").combine_chunks(), self.codes)
         if "ranked" in cols:
@@ -191,7 +202,8 @@ class ModelArrays:
             name: StrategyResults(
                 model=self.model,
                 strategy=name,
-                scores=a["scores"] if self._has_scores[s] else None,
+                code_scores=a["code_scores"] if self._has_scores[s] else None,
+                unsafe_score=a["unsafe_score"] if self._has_scores[s] else None,
                 named=a["named"],
                 uncertainty=a["uncertainty"],
                 top=a["top"],

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tokmarg import heap
 from tokmarg.errors import TokmargError
 from tokmarg.sources import ColumnMap, Format, RowError, SourceError, check_file, file_sha256, format_of, rows
 from tokmarg.taxonomy import Taxonomy
@@ -442,9 +444,8 @@ def load_dataset(
     full, kept = taxonomy.complete(), set(taxonomy.codes)  # labels of excluded codes parse, then drop
     col = {c: j for j, c in enumerate(taxonomy.codes)}
     ids: list[str] = []
-    rows_of: list[int] = []
-    offsets: list[int] = []
-    hits: list[tuple[int, int]] = []  # (sample, code column)
+    rows_of, offsets = array("q"), array("q")  # machine integers: a million rows are 16 MB, not 72
+    hit_rows, hit_codes = array("q"), array("q")  # (sample, code column) of each true code
     skipped: list[str] = []
     seen: dict[str, int] = {}
     shapes: dict[tuple[str, ...], Sample] = {}
@@ -465,7 +466,9 @@ def load_dataset(
                 continue
             seen[sample.id] = row
             relabeled += dropped
-            hits.extend((len(ids), col[c]) for c in sample.true_codes)
+            for c in sample.true_codes:
+                hit_rows.append(len(ids))
+                hit_codes.append(col[c])
             shapes.setdefault(tuple(t.role for t in sample.conversation), sample)
             ids.append(sample.id)
             rows_of.append(row)
@@ -476,13 +479,14 @@ def load_dataset(
         detail = f" ({len(skipped)} invalid row(s) skipped)" if skipped else ""
         raise DataError(f"{name}: no valid samples{detail}")
     labels = np.zeros((len(ids), len(col)), dtype=bool)
-    if hits:
-        h = np.array(hits, dtype=np.int64)
-        labels[h[:, 0], h[:, 1]] = True
+    labels[np.frombuffer(hit_rows, np.int64), np.frombuffer(hit_codes, np.int64)] = True
+    id_array = pa.array(ids, pa.string())
+    del ids, seen
+    heap.release()  # the scan's million small objects are gone: their pages go back
     return Dataset(
         path=name,
         sha256=file_sha256(p),
-        ids=pa.array(ids, pa.string()),
+        ids=id_array,
         labels=labels,
         codes=tuple(taxonomy.codes),
         n_skipped=len(skipped),

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tokmarg import heap
 from tokmarg.columns import (
     REDUCE_COLUMNS,
     ModelArrays,
@@ -155,11 +156,11 @@ def metrics_row(
 ) -> dict:
     """SPEC §3 metrics of one model x strategy."""
     kind = REGISTRY[r.strategy].kind
-    y_score = r.code_scores()
+    y_score = r.code_scores
     y_pred = kind.codes(y_score, r.named, threshold)
     u_kw: dict = {}
     if has_safe:
-        u_score = None if r.scores is None else r.scores[:, 0]
+        u_score = r.unsafe_score
         u_pred = kind.unsafe(u_score, y_pred, r.unsafe_in_output, threshold)
         u_kw = dict(unsafe_true=y_true.any(axis=1), unsafe_score=u_score, unsafe_pred=u_pred)
     m = compute_metrics(y_true, y_pred, y_score, codes=codes, n_boot=n_boot, seed=seed, ranking=ranking, **u_kw)
@@ -314,6 +315,7 @@ def _write_predictions(
 def _reduce_model(cfg: Config, truth: Truth, rd: RunDir, mc: ModelConfig, red: Reduced, load: float | None) -> None:
     """One model, a strategy at a time: read its arrays, fit (uncertainty kinds), measure (metrics,
     curves), keep only what the predictions need; then write the predictions."""
+    heap.release()  # what the previous model freed goes back before this one's arrays come
     files, metas = _open_model(truth, rd, mc.name)
     _same_precision(mc.name, metas, rd)
     codes = list(cfg.taxonomy.codes)
@@ -324,7 +326,7 @@ def _reduce_model(cfg: Config, truth: Truth, rd: RunDir, mc: ModelConfig, red: R
         t = fit_uncertainty({s: r}, truth.y_true, cfg.calibration, cfg.seed)
         if t:
             red.t_opti.setdefault(mc.name, {}).update(t)
-        ys = r.code_scores()
+        ys = r.code_scores
         ranking = None if ys is None else Ranking.of(truth.y_true, ys, keep_pairs=truth.n > ROW_BOOTSTRAP_MAX)
         threshold = mc.params[s].threshold
         red.metrics.append(metrics_row(r, truth.y_true, codes, threshold, truth.has_safe, cfg.seed, ranking=ranking))

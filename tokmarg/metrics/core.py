@@ -210,12 +210,13 @@ def compute_metrics(
     if ys is not None and ranking is None:
         ranking = Ranking.of(yt, ys, keep_pairs=n > ROW_BOOTSTRAP_MAX)
     out.update(_score_metrics(yt, ys, ranking))
+    columns = ranking.columns(k) if ys is not None and ranking is not None and ranking.pairs is not None else None
     for j, code in enumerate(codes):
         out[f"f1/{code}"] = per_f1[j]
         if ys is None:
             out[f"roc_auc/{code}"] = nan
-        elif ranking is not None and ranking.pairs is not None:  # from the micro ranking's sort
-            out[f"roc_auc/{code}"] = ranking.column(j, k).roc_auc()
+        elif columns is not None:  # from the micro ranking's sort, a column at a time
+            out[f"roc_auc/{code}"] = next(columns).roc_auc()
         else:
             out[f"roc_auc/{code}"] = _safe_auc(yt[:, j], ys[:, j])
     if unsafe_true is not None:

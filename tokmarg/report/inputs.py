@@ -178,7 +178,7 @@ def _curves_from_predictions(
         except (OSError, ValueError, pa.ArrowException, RecordError) as e:
             raise ReportError(f"{f}: {str(e).splitlines()[0]}") from None
         for s, r in results.items():
-            ys = r.code_scores()
+            ys = r.code_scores
             if ys is not None:
                 f1[model, s], bins[model, s] = score_curves(y_true, ys)
     return curve_frames(f1, bins)
