@@ -92,3 +92,16 @@ def test_fitted_labels_replace_only_the_fitted_strategies_cells() -> None:
     r.set_top_k(np.array([2, 1]))
     out = with_fitted_labels(table, np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1]), [None, r], ["S1", "S2"])
     assert out.column("pred_labels").to_pylist() == [["S2"], ["S2", "S1"], [], ["S1"]]
+
+
+def test_a_small_file_with_another_models_rows_is_named_though_files_are_read_together(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", samples=100, models=1, seed=4)
+    _split_files(run)  # four small files, read as one batch
+    bad = sorted((run / "partitions").glob("*/part-*.parquet"))[2]
+    t = pq.read_table(bad)
+    t = t.set_column(t.schema.get_field_index("model"), "model", pa.array(["other"] * t.num_rows))
+    pq.write_table(t, bad)
+    res = runner.invoke(app, ["eval", "--resume", str(run), "--no-ray", "--no-report", "--no-progress"])
+    assert res.exit_code != 0
+    assert f"{bad}: holds results of model 'other'" in res.output and "Traceback" not in res.output
+    assert not (run / "metrics.csv").exists()

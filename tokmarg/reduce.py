@@ -277,17 +277,39 @@ def _open_model(truth: Truth, rd: RunDir, model: str) -> tuple[list[PartitionFil
     return files, [m for f in files for m in f.metas]
 
 
+READ_BATCH_ROWS = 8192  # rows of small files put together before they become arrays
+
+
 def _read_strategy(cfg: Config, truth: Truth, files: list[PartitionFile], model: str, strategy: str) -> StrategyResults:
     """One model x strategy as arrays: its rows of every file (each file's own row group),
-    column-wise, checked to be one per sample."""
+    column-wise, checked to be one per sample. Small files (a partition each, as older runs
+    wrote them) are put together up to :data:`READ_BATCH_ROWS` rows before they become arrays."""
     labels = list(cfg.taxonomy.labels)
     arrays = ModelArrays(model, [strategy], truth.n, labels)
+    tables: list[pa.Table] = []
+    where: list[np.ndarray] = []
+
+    def flush() -> None:
+        if tables:
+            arrays.add(pa.concat_tables(tables), np.concatenate(where))
+            tables.clear()
+            where.clear()
+
+    rows = 0
+
     for f in files:
         try:
             table = conform(f.read(REDUCE_COLUMNS, strategy), labels, REDUCE_COLUMNS)
-            arrays.add(table, truth.positions(table.column("sample_id"), f.metas))
+            strategy_index(table, model, [strategy])  # another model's or strategy's rows: this file's error
+            where.append(truth.positions(table.column("sample_id"), f.metas))
         except RecordError as e:
             raise RunError(f"{f.path}: {e}; delete it and resume to recompute it") from None
+        tables.append(table)
+        rows += table.num_rows
+        if rows >= READ_BATCH_ROWS:
+            flush()
+            rows = 0
+    flush()
     try:
         return arrays.results()[strategy]
     except RecordError as e:
