@@ -44,10 +44,12 @@ def test_partition_table_is_typed_and_read_back_as_arrays() -> None:
     arrays.add(t, positions_of(t.column("sample_id"), ids))  # rows come back in the run's sample order
     res = arrays.results()
     tp = res["token_probability"]
-    assert tp.scores.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.75, 0.0]]  # no score counts as 0
+    assert tp.unsafe_score.tolist() == [0.0, 0.0]  # no score counts as 0
+    assert tp.code_scores.tolist() == [[0.0, 0.0], [0.75, 0.0]]
     assert tp.tokens_forwarded.tolist() == [1, 3]
     lt = res["LogTokU"]
-    assert lt.scores is None and lt.top.tolist() == [[0, 1], [1, 0]]  # S1, S2 as code columns 0, 1
+    assert lt.code_scores is None and lt.unsafe_score is None
+    assert lt.top.tolist() == [[0, 1], [1, 0]]  # S1, S2 as code columns 0, 1
     assert lt.gate_unsafe.tolist() == [1.0, 0.0] and lt.uncertainty.tolist() == [0.7, 0.5]
     lt.set_top_k(np.array([1, 0]))
     assert lt.named.tolist() == [[True, False], [False, False]]

@@ -50,14 +50,6 @@ class StrategyResults:
     keep: np.ndarray | None = None  # (n,) int: top codes predicted (0, 1, 2), set by the uncertainty fit
     unsafe_score: np.ndarray | None = None  # (n,) float, no score = 0; None with ``code_scores``
 
-    @property
-    def scores(self) -> np.ndarray | None:
-        """(n, len(labels)): ``unsafe`` first, then the codes (a copy)."""
-        if self.code_scores is None:
-            return None
-        unsafe = np.zeros(len(self.code_scores)) if self.unsafe_score is None else self.unsafe_score
-        return np.column_stack([unsafe, self.code_scores])
-
     def slim(self) -> StrategyResults:
         """These results with only what writing fitted ``pred_labels`` needs (top codes, how many)."""
         empty = np.zeros(0)

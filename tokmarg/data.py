@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tokmarg import heap
 from tokmarg.errors import TokmargError
 from tokmarg.sources import ColumnMap, Format, RowError, SourceError, check_file, file_sha256, format_of, rows
 from tokmarg.taxonomy import Taxonomy
@@ -480,13 +479,10 @@ def load_dataset(
         raise DataError(f"{name}: no valid samples{detail}")
     labels = np.zeros((len(ids), len(col)), dtype=bool)
     labels[np.frombuffer(hit_rows, np.int64), np.frombuffer(hit_codes, np.int64)] = True
-    id_array = pa.array(ids, pa.string())
-    del ids, seen
-    heap.release()  # the scan's million small objects are gone: their pages go back
     return Dataset(
         path=name,
         sha256=file_sha256(p),
-        ids=id_array,
+        ids=pa.array(ids, pa.string()),
         labels=labels,
         codes=tuple(taxonomy.codes),
         n_skipped=len(skipped),

@@ -381,7 +381,8 @@ def reduce_run(
         w["model"]: w["load_seconds"] for w in reversed(launch.get("workers", [])) if w.get("load_seconds") is not None
     }
     red = Reduced()
-    for mc in cfg.models:  # (writing a model's predictions while the next is measured cost +1 GB at 1M)
+    for mc in cfg.models:  # (writing a model's predictions in a thread while the next is measured: 199 s
+        # instead of 203 s at 1M x 3, and 1.46 GB instead of 1.33)
         _reduce_model(cfg, truth, rd, mc, red, loads.get(mc.name))
     metrics, tables = _write_tables(cfg, ds, rd.path, red)
     manifest = _manifest(cfg, ds, record, parts, launch, done_before, started, red, tables)

@@ -118,11 +118,6 @@ class Ranking:
         fps = (self.size - below_n)[::-1].astype(np.float64) - tps
         return tps, fps
 
-    def _blocks(self) -> range:
-        """Start positions of the descending blocks that :meth:`roc_auc` and
-        :meth:`average_precision` walk (one block up to :data:`BLOCK` distinct scores)."""
-        return range(0, len(self.values), BLOCK)
-
     def roc_auc(self) -> float:
         """ROC AUC, as ``sklearn.metrics.roc_auc_score``; NaN when the pairs are one class.
 
@@ -140,7 +135,7 @@ class Ranking:
             return float(np.trapezoid(tps / tps[-1], fps / fps[-1]))
         big_p, big_n = float(self.positives), float(self.size - self.positives)
         area, x0, y0 = 0.0, 0.0, 0.0  # the last point kept so far (the curve starts at 0, 0)
-        for a in self._blocks():
+        for a in range(0, g, BLOCK):
             b = min(a + BLOCK, g)
             lo, hi = max(a - 1, 0), min(b + 1, g)  # one neighbour each side for the collinearity test
             tps, fps = self._descending(lo, hi)
@@ -170,7 +165,7 @@ class Ranking:
             return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
         big_p = float(self.positives)
         total, r0 = 0.0, 0.0  # recall before the block (0 above the highest score)
-        for a in self._blocks():
+        for a in range(0, g, BLOCK):
             tps, fps = self._descending(a, min(a + BLOCK, g))
             ps = tps + fps
             precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
