@@ -380,3 +380,46 @@ def test_excluded_codes_are_dropped_from_the_labels(tmp_path: Path) -> None:
 def test_labels_as_a_comma_separated_string() -> None:
     assert parse_line({"prompt": "x", "labels": "S2, S1,"}, 1, LLAMA_GUARD_3).true_codes == ("S1", "S2")
     assert parse_line({"prompt": "x", "labels": ""}, 1, LLAMA_GUARD_3).true_codes == ()
+
+
+# ----------------------------------------------------------------- a kept scan
+
+
+def test_a_kept_scan_gives_the_same_dataset_and_only_under_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokmarg import data, scanindex
+
+    lines = [
+        {"id": "a", "prompt": "p1", "labels": ["S1", "S14"]},
+        "not json",
+        {
+            "id": "b",
+            "conversation": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}],
+            "labels": "",
+        },
+        "",
+        {"id": "c", "prompt": "p3", "response": "r3", "labels": ["S2"]},
+    ]
+    path, index = write(tmp_path, lines), tmp_path / "run" / scanindex.INDEX_FILE
+    lg3 = LLAMA_GUARD_3.without(["S14"])  # c's S14 is dropped: a relabeled sample
+    scanned = load_dataset(path, lg3, skip_invalid=True)
+    scanindex.write(index, scanned.index())
+    calls = []
+    monkeypatch.setattr(data, "rows", lambda *a, **k: calls.append(a) or iter(()))  # any read of the rows: none
+    kept = load_dataset(path, lg3, skip_invalid=True, index=index)
+    assert kept.indexed and not scanned.indexed and not calls
+    for name in ("path", "sha256", "codes", "n_skipped", "skipped", "n_relabeled", "probes", "key"):
+        assert getattr(kept, name) == getattr(scanned, name), name
+    assert kept.ids.equals(scanned.ids) and (kept.labels == scanned.labels).all()
+    assert kept.n_relabeled == 1 and kept.n_skipped == 1 and [p.id for p in kept.probes] == ["a", "b"]
+    monkeypatch.undo()
+    assert kept.samples == scanned.samples  # samples are parsed from the file at the rows the scan found
+    # anything else and the file is read again: other arguments, another file, an unreadable index
+    assert not load_dataset(path, LLAMA_GUARD_3, skip_invalid=True, index=index).indexed
+    assert not load_dataset(path, lg3, skip_invalid=True, limit=1, index=index).indexed
+    path.write_text(path.read_text(encoding="utf-8") + json.dumps({"prompt": "d", "labels": []}) + "\n")
+    again = load_dataset(path, lg3, skip_invalid=True, index=index)
+    assert not again.indexed and len(again) == 4
+    index.write_bytes(b"not parquet")
+    assert not load_dataset(path, lg3, skip_invalid=True, index=index).indexed

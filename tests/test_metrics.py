@@ -348,11 +348,18 @@ def test_sorted_pairs_walked_in_steps_give_the_same_columns_and_variance(monkeyp
     y = rng.random((150, 4)) < 0.3
     s = np.round(rng.random((150, 4)), 2)  # ties within and across columns
     whole = clustered_delong(y, s)
-    for step in (1, 5, 64):
+    grid = np.r_[np.linspace(0, 1, 101), s[3, 1], -1.0, 2.0]  # a threshold equal to a score; none
+    flat = Ranking.of(y, s)
+    for step in (1, 5, 64, 1000):
         monkeypatch.setattr(ranking, "PAIR_STEP", step)
         r = Ranking.of(y, s, keep_pairs=True)
+        assert r.values is None  # read from the scores' own array, which it holds without a copy
+        assert np.shares_memory(r.pairs[0], s)
+        assert np.array_equal(r.f1_curve(grid), f1_threshold_curve(y, s, grid))
+        assert (r.roc_auc(), r.average_precision()) == (flat.roc_auc(), flat.average_precision())
         for j, column in enumerate(r.columns(4)):
             assert column.roc_auc() == roc_auc_score(y[:, j], s[:, j])
+            assert column.average_precision() == average_precision_score(y[:, j], s[:, j])
         auc, var = clustered_delong(y, s, r)
         assert auc == pytest.approx(whole[0], rel=1e-12) and var == pytest.approx(whole[1], rel=1e-9)
 

@@ -105,3 +105,70 @@ def test_a_small_file_with_another_models_rows_is_named_though_files_are_read_to
     assert res.exit_code != 0
     assert f"{bad}: holds results of model 'other'" in res.output and "Traceback" not in res.output
     assert not (run / "metrics.csv").exists()
+
+
+def test_a_resume_reads_the_scan_the_run_kept_not_the_dataset(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from tokmarg import data, scanindex
+
+    run = write_run(tmp_path / "run", samples=70, models=1, seed=2)
+    first = _reduce(run)
+    assert (run / scanindex.INDEX_FILE).is_file()
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the dataset's rows were read again")
+
+    monkeypatch.setattr(data, "rows", no_reading)
+    (run / "manifest.json").unlink()
+    again = _reduce(run)
+    cols = [c for c in first.columns if c != "seconds_per_sample"]
+    pd.testing.assert_frame_equal(first[cols], again[cols])
+    (run / "data.jsonl").write_text((run / "data.jsonl").read_text() + "\n")  # another file: read again
+    res = runner.invoke(app, ["eval", "--resume", str(run), "--no-ray", "--no-report", "--no-progress"])
+    assert res.exit_code != 0 and "the dataset's rows were read again" in repr(res.exception)
+
+
+def _results(strategy: str, y: np.ndarray, seed: int) -> StrategyResults:
+    """Random results of one strategy over labels ``y``, fitted as the reduce fits them."""
+    from tokmarg.reduce import fit_uncertainty
+
+    rng = np.random.default_rng(seed)
+    n, k = y.shape
+    r = StrategyResults(
+        "m", strategy, np.clip(0.5 * y + 0.6 * rng.random((n, k)), 0, 1), rng.random((n, k)) < 0.2, rng.random(n),
+        np.argsort(-rng.random((n, k)), axis=1)[:, :2].astype(np.int16), np.full(n, np.nan), np.zeros(n, bool),
+        np.ones(n, np.int32), unsafe_score=rng.random(n),
+    )  # fmt: skip
+    fit_uncertainty({strategy: r}, y, "transductive", 0)
+    return r
+
+
+def test_what_the_metrics_do_not_read_is_freed_without_changing_them() -> None:
+    from tokmarg.reduce import metrics_row
+    from tokmarg.strategies import REGISTRY
+
+    y = np.random.default_rng(8).random((300, 3)) < 0.3
+    for strategy in ("token_probability", "greedy_generation", "LogTokU"):
+        whole, slim = _results(strategy, y, 1), _results(strategy, y, 1)
+        slim.drop_unused(REGISTRY[strategy].kind.thresholded)
+        assert slim.uncertainty.size == 0 and (slim.top.size == 0) == (slim.keep is None)
+        assert (slim.named.size == 0) == REGISTRY[strategy].kind.thresholded
+        a = metrics_row(whole, y, ["S1", "S2", "S3"], 0.4, True, 0, n_boot=50)
+        b = metrics_row(slim, y, ["S1", "S2", "S3"], 0.4, True, 0, n_boot=50)
+        assert a.keys() == b.keys() and all(str(a[key]) == str(b[key]) for key in a), strategy
+
+
+def test_rows_find_their_samples_in_the_order_written_or_any_other() -> None:
+    import pytest
+
+    from tokmarg.records import RecordError
+    from tokmarg.reduce import Truth
+
+    truth = Truth(pa.array([f"s{i}" for i in range(10)]), np.zeros((10, 2), bool), np.array([[0, 4], [4, 7], [7, 10]]))
+    in_order = pa.chunked_array([pa.array(["s7", "s8"]), pa.array(["s9", "s0", "s1", "s2", "s3"])])
+    assert truth.positions(in_order, [2, 0]).tolist() == [7, 8, 9, 0, 1, 2, 3]
+    shuffled = pa.array(["s9", "s0", "s8", "s3", "s7", "s1", "s2"])
+    assert truth.positions(shuffled, [2, 0]).tolist() == [9, 0, 8, 3, 7, 1, 2]
+    with pytest.raises(RecordError, match="'s5' is not one of the samples"):
+        truth.positions(pa.array(["s9", "s5", "s8"]), [2])
+    with pytest.raises(RecordError, match="partition 3, which this run does not have"):
+        truth.positions(in_order, [3])

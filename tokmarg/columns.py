@@ -58,6 +58,16 @@ class StrategyResults:
             np.zeros(0, bool), np.zeros(0, np.int64), None if self.keep is None else self.keep.astype(np.int8),
         )  # fmt: skip
 
+    def drop_unused(self, thresholded: bool) -> None:
+        """Free what the metrics do not read, once the uncertainty fit has run: the uncertainty,
+        the gate, the top codes unless fitted (writing the fitted codes needs them) and, where the
+        codes come from thresholded scores, the named codes (34 MB at 1M samples x 14 codes)."""
+        self.uncertainty = self.gate_unsafe = np.zeros(0)
+        if self.keep is None:
+            self.top = np.zeros((0, 2), dtype=np.int16)
+        if thresholded and self.code_scores is not None:
+            self.named = np.zeros((0, self.named.shape[1]), dtype=bool)
+
     def set_top_k(self, keep: np.ndarray) -> None:
         """Predict each sample's ``keep[i]`` best codes (the uncertainty strategies' fit)."""
         self.keep = np.asarray(keep, dtype=np.int64)
@@ -121,7 +131,10 @@ class ModelArrays:
         self.model, self.strategies, self.n, self.labels = model, list(strategies), n, list(labels)
         self.codes = self.labels[1:]
         k = len(self.codes)
-        self._seen = np.zeros((len(self.strategies), n), dtype=np.int64)
+        # rows per sample as a byte (wraps at 256) and rows in all: one each exactly when every byte
+        # is 1 and the rows add up to n
+        self._seen = np.zeros((len(self.strategies), n), dtype=np.uint8)
+        self._rows = np.zeros(len(self.strategies), dtype=np.int64)
         self._has_scores = np.zeros(len(self.strategies), dtype=bool)
         self._a = [
             {
@@ -129,10 +142,10 @@ class ModelArrays:
                 "code_scores": np.zeros((n, k)),  # apart from unsafe: flattened without a copy
                 "named": np.zeros((n, k), dtype=bool),
                 "uncertainty": np.full(n, np.nan),
-                "top": np.full((n, 2), -1, dtype=np.int64),
+                "top": np.full((n, 2), -1, dtype=np.int16),  # a code column: fewer than 2**15 codes
                 "gate_unsafe": np.full(n, np.nan),
                 "unsafe_in_output": np.zeros(n, dtype=bool),
-                "tokens_forwarded": np.zeros(n, dtype=np.int64),
+                "tokens_forwarded": np.zeros(n, dtype=np.int32),
             }
             for _ in self.strategies
         ]
@@ -176,6 +189,7 @@ class ModelArrays:
         for s, rows in enumerate(rows_of):
             pos = positions[rows]
             np.add.at(self._seen[s], pos, 1)
+            self._rows[s] += len(pos)
             for name, values in whole.items():
                 target = self._a[s][name]
                 target[pos] = values[rows].astype(target.dtype, copy=False)
@@ -184,11 +198,13 @@ class ModelArrays:
         """Per strategy its arrays; RecordError unless each has exactly one row per sample."""
         for s, name in enumerate(self.strategies):
             seen = self._seen[s]
-            if not (seen == 1).all():
+            if self._rows[s] != self.n or not (seen == 1).all():
                 what = "no" if (seen == 0).any() else "more than one"
+                bad = np.flatnonzero(seen != 1)  # none where a sample's rows wrapped to one
+                where = f"sample #{int(bad[0]) + 1}" if bad.size else "a sample"
                 raise RecordError(
-                    f"{self.model} / {name} has {int(seen.sum())} predictions, not one for each of the {self.n} "
-                    f"samples ({what} row for sample #{int(np.flatnonzero(seen != 1)[0]) + 1})"
+                    f"{self.model} / {name} has {int(self._rows[s])} predictions, not one for each of the {self.n} "
+                    f"samples ({what} row for {where})"
                 )
         return {
             name: StrategyResults(

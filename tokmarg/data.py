@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tokmarg import scanindex
 from tokmarg.errors import TokmargError
 from tokmarg.sources import ColumnMap, Format, RowError, SourceError, check_file, file_sha256, format_of, rows
 from tokmarg.taxonomy import Taxonomy
@@ -136,6 +137,8 @@ class Dataset:
     n_relabeled: int = 0  # samples that lost labels of codes the run excludes (`exclude_codes`)
     probes: tuple[Sample, ...] = ()  # the first sample of each conversation shape (sequence of roles)
     source: _Source | None = field(default=None, repr=False)
+    key: dict | None = None  # what the scan was made under (tokmarg.scanindex); None: not from a file scan
+    indexed: bool = False  # read from a kept scan (tokmarg.scanindex), not scanned again
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -160,6 +163,26 @@ class Dataset:
     def samples(self) -> tuple[Sample, ...]:
         """Every sample (parsed on each call: for small files, tests and tools)."""
         return self.read()
+
+    def index(self) -> scanindex.ScanIndex:
+        """The scan, to keep (:func:`tokmarg.scanindex.write`); only for a dataset read from a file."""
+        if self.source is None or self.key is None:
+            raise ValueError("only a dataset read from a file has a scan to keep")
+        found = {
+            "skipped": list(self.skipped),
+            "n_relabeled": self.n_relabeled,
+            "probes": [
+                {
+                    "id": p.id,
+                    "line": p.line,
+                    "true_codes": list(p.true_codes),
+                    "turns": [[t.role, t.content] for t in p.conversation],
+                }
+                for p in self.probes
+            ],
+        }
+        src = self.source
+        return scanindex.ScanIndex(self.key, self.ids, self.labels, self.codes, src.rows_of, src.offsets, found)
 
 
 class DataError(TokmargError, ValueError):
@@ -419,6 +442,7 @@ def load_dataset(
     limit: int | None = None,
     fmt: str | None = None,
     columns: ColumnMap | None = None,
+    index: Path | None = None,
 ) -> Dataset:
     """Read and validate a dataset file against ``taxonomy``, streamed.
 
@@ -429,7 +453,9 @@ def load_dataset(
     the first ``limit`` valid samples and validates no row after them (the whole file is still
     hashed). ``fmt``: jsonl, parquet or csv (default: from the extension); ``columns``: the params'
     column mapping. Labels of the taxonomy's excluded codes are valid and dropped (a sample left
-    with none counts as safe); ``Dataset.n_relabeled`` counts such samples.
+    with none counts as safe); ``Dataset.n_relabeled`` counts such samples. ``index``: a kept scan
+    (:mod:`tokmarg.scanindex`), used instead of reading the rows when it was made under the same
+    key (this file's SHA-256 and these arguments).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -441,6 +467,23 @@ def load_dataset(
     except SourceError as e:
         raise DataError(str(e)) from None
     full, kept = taxonomy.complete(), set(taxonomy.codes)  # labels of excluded codes parse, then drop
+    key = {
+        "version": scanindex.VERSION,
+        "sha256": file_sha256(p),
+        "format": str(form),
+        "columns": {
+            "columns": dict(cmap.columns),
+            "labels": cmap.labels if isinstance(cmap.labels, str | None) else dict(cmap.labels),
+        },
+        "taxonomy": [taxonomy.name, taxonomy.kin, list(taxonomy.codes), list(full.codes)],
+        "skip_invalid": skip_invalid,
+        "limit": limit,
+    }
+    if index is not None and (kept_scan := scanindex.read(index, key)) is not None:
+        try:
+            return _from_index(kept_scan, name, _Source(p, form, cmap, full, kept_scan.rows, kept_scan.offsets, kept))
+        except (KeyError, TypeError, ValueError):
+            pass  # not what a scan writes: read the file
     col = {c: j for j, c in enumerate(taxonomy.codes)}
     ids: list[str] = []
     rows_of, offsets = array("q"), array("q")  # machine integers: a million rows are 16 MB, not 72
@@ -481,7 +524,7 @@ def load_dataset(
     labels[np.frombuffer(hit_rows, np.int64), np.frombuffer(hit_codes, np.int64)] = True
     return Dataset(
         path=name,
-        sha256=file_sha256(p),
+        sha256=key["sha256"],
         ids=pa.array(ids, pa.string()),
         labels=labels,
         codes=tuple(taxonomy.codes),
@@ -489,7 +532,37 @@ def load_dataset(
         skipped=tuple(skipped),
         n_relabeled=relabeled,
         probes=tuple(shapes.values()),
-        source=_Source(p, form, cmap, full, np.array(rows_of, np.int64), np.array(offsets, np.int64), kept),
+        source=_Source(p, form, cmap, full, _compact(rows_of), _compact(offsets), kept),
+        key=key,
+    )
+
+
+def _compact(values: array) -> np.ndarray:
+    """Machine integers as int32 where they fit (rows; byte offsets in a file under 2 GiB), else int64."""
+    a = np.frombuffer(values, dtype=np.int64)
+    return a.astype(np.int32) if not a.size or a.max() < 2**31 else a.copy()
+
+
+def _from_index(found: scanindex.ScanIndex, name: str, source: _Source) -> Dataset:
+    """The dataset a kept scan describes."""
+    extra = found.found
+    probes = tuple(
+        Sample(p["id"], tuple(Turn(r, c) for r, c in p["turns"]), tuple(p["true_codes"]), p["line"])
+        for p in extra["probes"]
+    )
+    return Dataset(
+        path=name,
+        sha256=found.key["sha256"],
+        ids=found.ids,
+        labels=found.labels,
+        codes=found.codes,
+        n_skipped=len(extra["skipped"]),
+        skipped=tuple(extra["skipped"]),
+        n_relabeled=int(extra["n_relabeled"]),
+        probes=probes,
+        source=source,
+        key=found.key,
+        indexed=True,
     )
 
 

@@ -25,10 +25,12 @@ def _trim():  # noqa: ANN202 - a ctypes function or None
         return None
 
 
-def release() -> None:
-    """Collect garbage and give the freed heap pages back: Arrow's pool's and (where the C
-    library can) malloc's."""
-    gc.collect()
+def release(collect: bool = True) -> None:
+    """Give the freed heap pages back: Arrow's pool's and (where the C library can) malloc's;
+    ``collect`` first collects garbage (a fifth of a second with torch and transformers imported:
+    between big steps, not between small ones, where arrays are freed as they go)."""
+    if collect:
+        gc.collect()
     pa.default_memory_pool().release_unused()
     trim = _trim()
     if trim is not None:

@@ -38,7 +38,8 @@ class RecordError(TokmargError, ValueError):
 
 
 # Parquet options of prediction files: dictionary-encode the repeated strings only (trying it on the
-# float columns made writing 3x slower for nothing)
+# float columns made writing 3x slower for nothing); min/max statistics of the columns a reader
+# selects rows by only (all columns' cost a quarter of the writing time: ~4 s of a 1M x 3 reduce)
 PARQUET_OPTIONS = {
     "use_dictionary": [
         "model",
@@ -47,7 +48,8 @@ PARQUET_OPTIONS = {
         "true_labels.list.element",
         "pred_labels.list.element",
         "ranked.list.element",
-    ]
+    ],
+    "write_statistics": ["model", "strategy", "sample_id"],
 }
 
 

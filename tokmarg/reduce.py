@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -93,7 +93,7 @@ class Truth:
 
     ids: pa.Array  # (n,) string
     y_true: np.ndarray  # (n, len(codes)) bool
-    bounds: tuple[tuple[int, int], ...]  # partition index -> (start, stop)
+    bounds: np.ndarray  # (partitions, 2) int: partition index -> (start, stop)
 
     @property
     def n(self) -> int:
@@ -105,16 +105,19 @@ class Truth:
 
     @classmethod
     def of(cls, ds: Dataset, parts: list[Partition]) -> Truth:
-        return cls(ds.ids, ds.labels, tuple((p.start, p.stop) for p in parts))
+        return cls(ds.ids, ds.labels, np.array([(p.start, p.stop) for p in parts], dtype=np.int64).reshape(-1, 2))
 
-    def positions(self, sample_ids: pa.ChunkedArray, metas: list[PartitionMeta]) -> np.ndarray:
-        """Each row's sample position, for the rows of a file holding the partitions of ``metas``."""
-        for m in metas:
-            if not 0 <= m.index < len(self.bounds):
-                raise RecordError(f"holds partition {m.index}, which this run does not have")
-        spans = [self.bounds[m.index] for m in metas]
+    def positions(self, sample_ids: pa.ChunkedArray | pa.Array, indices: Sequence[int]) -> np.ndarray:
+        """Each row's sample position, for the rows of a file holding the partitions ``indices``."""
+        for i in indices:
+            if not 0 <= i < len(self.bounds):
+                raise RecordError(f"holds partition {i}, which this run does not have")
+        spans = [(int(a), int(b)) for a, b in self.bounds[list(indices)]]
         where = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, dtype=np.int64)
         ids = pa.concat_arrays([self.ids.slice(a, b - a) for a, b in spans]) if spans else self.ids.slice(0, 0)
+        rows = sample_ids if isinstance(sample_ids, pa.ChunkedArray) else pa.chunked_array([sample_ids])
+        if pa.chunked_array([ids]).equals(rows):  # in the order they were written: no lookup
+            return where
         return positions_of(sample_ids, ids, where)
 
 
@@ -260,21 +263,26 @@ def _same_precision(model: str, metas: list[PartitionMeta], rd: RunDir) -> None:
 
 
 def _open_model(truth: Truth, rd: RunDir, model: str) -> tuple[list[PartitionFile], list[PartitionMeta]]:
-    """A model's partition files, each opened once (footer read), every partition held by exactly one."""
-    files = [rd.open_partition_file(path) for path in rd.partition_files(model)]
+    """A model's partition files, each opened once (footer read), every partition held by exactly
+    one; and the partitions' metas."""
+    files, metas = [], []
+    for path in rd.partition_files(model):
+        f, m = rd.open_partition_file(path)
+        files.append(f)
+        metas += m
     held: dict[int, Path] = {}
     for f in files:
-        for m in f.metas:
-            if m.index in held:
-                raise RunError(f"{f.path} and {held[m.index]} both hold partition {m.index}; delete one and resume")
-            held[m.index] = f.path
+        for i in f.indices:
+            if i in held:
+                raise RunError(f"{f.path} and {held[i]} both hold partition {i}; delete one and resume")
+            held[i] = f.path
     missing = sorted(set(range(len(truth.bounds))) - set(held))
     if missing:
         raise RunError(
             f"{rd.part_path(model, missing[0])}: partition {missing[0]} of model {model!r} is missing "
             f"({len(missing)} in all); run `tokmarg eval --resume {rd.path}` to compute it"
         )
-    return files, [m for f in files for m in f.metas]
+    return files, metas
 
 
 READ_BATCH_ROWS = 8192  # rows of small files put together before they become arrays
@@ -301,7 +309,7 @@ def _read_strategy(cfg: Config, truth: Truth, files: list[PartitionFile], model:
         try:
             table = conform(f.read(REDUCE_COLUMNS, strategy), labels, REDUCE_COLUMNS)
             strategy_index(table, model, [strategy])  # another model's or strategy's rows: this file's error
-            where.append(truth.positions(table.column("sample_id"), f.metas))
+            where.append(truth.positions(table.column("sample_id"), f.indices))
         except RecordError as e:
             raise RunError(f"{f.path}: {e}; delete it and resume to recompute it") from None
         tables.append(table)
@@ -329,7 +337,7 @@ def _write_predictions(
     with parquet_writer(rd.path / "predictions" / f"{slug(model)}.parquet", schema, **PARQUET_OPTIONS) as w:
         for f in files:
             table = conform(f.read(schema.names), labels)
-            pos = truth.positions(table.column("sample_id"), f.metas)
+            pos = truth.positions(table.column("sample_id"), f.indices)
             index = strategy_index(table, model, cfg.strategies)
             w.write_table(with_fitted_labels(table, index, pos, by_index, codes))
 
@@ -340,14 +348,18 @@ def _reduce_model(cfg: Config, truth: Truth, rd: RunDir, mc: ModelConfig, red: R
     heap.release()  # what the previous model freed goes back before this one's arrays come
     files, metas = _open_model(truth, rd, mc.name)
     _same_precision(mc.name, metas, rd)
+    red.timing[mc.name] = ModelSummary.of(metas, load)
+    del metas  # a model's partitions' metas are ~40 MB at 1M samples: summed, then dropped
     codes = list(cfg.taxonomy.codes)
     fitted: dict[str, StrategyResults] = {}
     tokens = 0
     for s in cfg.strategies:
         r = _read_strategy(cfg, truth, files, mc.name, s)
+        heap.release(collect=False)  # the read's Arrow buffers and the last strategy's temporaries go back
         t = fit_uncertainty({s: r}, truth.y_true, cfg.calibration, cfg.seed)
         if t:
             red.t_opti.setdefault(mc.name, {}).update(t)
+        r.drop_unused(REGISTRY[s].kind.thresholded)
         ys = r.code_scores
         ranking = None if ys is None else Ranking.of(truth.y_true, ys, keep_pairs=truth.n > ROW_BOOTSTRAP_MAX)
         threshold = mc.params[s].threshold
@@ -360,7 +372,7 @@ def _reduce_model(cfg: Config, truth: Truth, rd: RunDir, mc: ModelConfig, red: R
         del r, ys, ranking
     red.t_opti.setdefault(mc.name, {})
     red.tokens[mc.name] = tokens
-    red.timing[mc.name] = ModelSummary.of(metas, load)
+    heap.release(collect=False)
     _write_predictions(cfg, truth, rd, mc.name, files, fitted)
 
 

@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -118,17 +118,18 @@ def write_partition_file(path: Path, metas: list[dict], table: pa.Table) -> None
 
 
 class PartitionFile:
-    """A partition file: its partitions (metas), and its rows a strategy at a time.
+    """A partition file: the indices of its partitions, and its rows a strategy at a time.
 
     The footer is read once, here; every :meth:`read` opens the file anew and closes it (a reader
-    held open keeps the footer and its last row group's bytes: ~2 MB a file, 250 MB at 1M samples)."""
+    held open keeps the footer and its last row group's bytes: ~2 MB a file, 250 MB at 1M samples).
+    The partitions' metas are the opener's to keep or drop (31,250 a model at 1M samples: ~40 MB)."""
 
-    def __init__(self, path: Path, f: pq.ParquetFile, metas_of: Callable[[Path, dict], list[PartitionMeta]]) -> None:
+    def __init__(self, path: Path, f: pq.ParquetFile, meta: dict, metas: Sequence[PartitionMeta]) -> None:
+        """``meta``: the file's tokmarg metadata; ``metas``: the partitions it names."""
         self.path = path
         self.schema = f.schema_arrow.remove_metadata()
         self.names = set(self.schema.names)
-        meta = json.loads((f.schema_arrow.metadata or {}).get(b"tokmarg", b"{}"))
-        self.metas = metas_of(path, meta)
+        self.indices = tuple(m.index for m in metas)
         self.strategies: list[str] | None = meta.get("strategies")
         if self.strategies is not None and len(self.strategies) != f.num_row_groups:
             self.strategies = None  # not one row group per strategy: read whole and filter
@@ -288,18 +289,21 @@ class RunDir:
                 f"{path}: its metadata names no partitions ({e}); delete it and resume to recompute it"
             ) from None
 
-    def open_partition_file(self, path: Path) -> PartitionFile:
-        """One partition file, opened (its footer read) once; RunError if it cannot be."""
+    def open_partition_file(self, path: Path) -> tuple[PartitionFile, list[PartitionMeta]]:
+        """One partition file, opened (its footer read) once, and its partitions' metas; RunError
+        if it cannot be."""
         try:
             with pq.ParquetFile(path) as f:
-                return PartitionFile(path, f, self._metas)
+                meta = json.loads((f.schema_arrow.metadata or {}).get(b"tokmarg", b"{}"))
+                metas = self._metas(path, meta)
+                return PartitionFile(path, f, meta, metas), metas
         except (OSError, ValueError, pa.ArrowException) as e:
             raise RunError(f"{path}: {str(e).splitlines()[0]}; delete it and resume to recompute it") from None
 
     def read_partition_file(self, path: Path, columns: Sequence[str]) -> tuple[pa.Table, list[PartitionMeta]]:
         """The ``columns`` of one partition file and the partitions it holds."""
-        f = self.open_partition_file(path)
-        return f.read(columns), f.metas
+        f, metas = self.open_partition_file(path)
+        return f.read(columns), metas
 
     def clean_temporaries(self) -> int:
         """Remove temporary files an interrupted writer left behind; returns how many."""

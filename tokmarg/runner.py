@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tokmarg import scanindex
 from tokmarg.config import Config, ModelConfig, build_config
 from tokmarg.data import Dataset, load_dataset
 from tokmarg.launch import Launcher, make_launcher
@@ -43,7 +44,13 @@ def load_inputs(settings: EvalSettings) -> tuple[Config, Dataset]:
     s = settings
     cfg = build_config(s.params, s.models, s.strategies, s.semantics, s.device, s.dtype)
     ds = load_dataset(
-        s.dataset, cfg.taxonomy, skip_invalid=s.skip_invalid, limit=s.limit, fmt=s.format, columns=cfg.dataset
+        s.dataset,
+        cfg.taxonomy,
+        skip_invalid=s.skip_invalid,
+        limit=s.limit,
+        fmt=s.format,
+        columns=cfg.dataset,
+        index=s.out / scanindex.INDEX_FILE,  # a resume reads the scan it kept (same file, same arguments)
     )
     return cfg, ds
 
@@ -140,6 +147,8 @@ def run_eval(
             launch = _score(cfg, ds, rd, record, parts, done, work, launcher, settings)
         else:  # nothing left to score: keep what the session that scored it recorded
             launch = {**_previous_launch(out, launcher.name), "partitions_run": 0}
+        if not ds.indexed and ds.key is not None:  # the scan, kept for a resume
+            scanindex.write(out / scanindex.INDEX_FILE, ds.index())
         return reduce_run(cfg, ds, rd, record, parts, launch, n_total - len(work), started)
     finally:
         rd.unlock()

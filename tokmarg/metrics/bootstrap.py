@@ -147,7 +147,12 @@ def grouped_bootstrap(
     nan2 = (float("nan"), float("nan"))
     if n_boot <= 0 or n == 0 or k == 0:
         return {"f1_micro": nan2, "hamming_loss": nan2}
-    tp, fp, fn = ((y_true & y_pred).sum(axis=1), (~y_true & y_pred).sum(axis=1), (y_true & ~y_pred).sum(axis=1))
+    c = np.int32 if (k + 1) ** 3 < 2**31 else np.int64  # a row's key fits: half the memory of int64
+    tp, fp, fn = (
+        (y_true & y_pred).sum(axis=1, dtype=c),
+        (~y_true & y_pred).sum(axis=1, dtype=c),
+        (y_true & ~y_pred).sum(axis=1, dtype=c),
+    )
     key, size = np.unique((tp * (k + 1) + fp) * (k + 1) + fn, return_counts=True)  # one key per distinct row
     groups = np.stack([key // (k + 1) ** 2, key // (k + 1) % (k + 1), key % (k + 1)], axis=1)  # (G, 3) tp, fp, fn
     draws = np.random.default_rng(seed).multinomial(n, size / n, size=n_boot).astype(float)  # (n_boot, G)

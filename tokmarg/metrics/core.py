@@ -121,7 +121,7 @@ def brier_score(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return total / n
 
 
-CHUNK_ROWS = 1 << 16  # rows per step of the metrics that would otherwise copy the whole (n, k) as float
+CHUNK_ROWS = 1 << 15  # rows per step of the metrics that would otherwise copy the whole (n, k) as float
 
 
 def _chunks(y: np.ndarray, s: np.ndarray):  # noqa: ANN202 - an iterator of array pairs

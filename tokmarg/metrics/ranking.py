@@ -19,82 +19,119 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BLOCK = 1 << 20  # distinct scores per step of the curve sums: bounded temporaries at any size
-PAIR_STEP = 1 << 20  # sorted pairs per step of the walks over them
+BLOCK = 1 << 19  # distinct scores per step of the curve sums: bounded temporaries at any size
+PAIR_STEP = 1 << 18  # sorted pairs per step of the walks over them
 
 
 @dataclass(frozen=True)
 class Ranking:
     """Counts of (label, score) pairs at every distinct score (ascending)."""
 
-    values: np.ndarray  # (G,) distinct scores, ascending
-    pos_le: np.ndarray  # (G,) int: positives with a score <= values[g]
-    n_le: np.ndarray  # (G,) int: pairs with a score <= values[g]
-    # kept for clustered_delong and column when asked: sort order, sorted labels, whether each
-    # sorted pair is the last of its distinct score (its group's number is a running count of those)
+    pos_le: np.ndarray  # (G,) int: positives with a score <= the g-th distinct score
+    n_le: np.ndarray  # (G,) int: pairs with a score <= the g-th distinct score
+    # (G,) the distinct scores, ascending; None where they are read from the kept pairs (the
+    # scores' own array: no copy) or not kept (a column's ranking: counts only)
+    values: np.ndarray | None = None
+    # kept for clustered_delong and columns when asked: the flattened scores (the caller's array
+    # when it is float64 and contiguous), the sort order and the sorted labels (packed bits)
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, y: np.ndarray, s: np.ndarray, keep_pairs: bool = False) -> Ranking:
         """Rank the flattened pairs of ``y`` (bool) and ``s`` (float, same shape); ``keep_pairs``
-        keeps what :func:`clustered_delong` needs (three arrays of the pairs' size)."""
+        keeps what :func:`clustered_delong` and :meth:`columns` need (a view of ``s`` where it is
+        float64 and contiguous, the order and the labels: 4 bytes and a bit a pair) instead of the distinct
+        scores; ``s`` must then not change while the ranking is used."""
         yf = np.asarray(y, dtype=bool).ravel()
         sf = np.asarray(s, dtype=np.float64).ravel()
         if yf.shape != sf.shape:
             raise ValueError(f"labels {yf.shape} and scores {sf.shape} differ in shape")
         idx = np.int32 if sf.size < 2**31 else np.int64  # half the memory of the sort's arrays
         order = np.argsort(sf).astype(idx, copy=False)  # the order within ties does not change any count
-        ss = sf[order]
-        del sf
         ys = yf[order]
-        last = np.ones(ss.size, dtype=bool)  # the last pair of each distinct score
-        np.not_equal(ss[1:], ss[:-1], out=last[:-1])
-        ends = np.concatenate(  # a block at a time: flatnonzero's int64 would double the array
-            [np.flatnonzero(last[a : a + PAIR_STEP]).astype(idx) + a for a in range(0, last.size, PAIR_STEP)]
-            or [np.zeros(0, idx)]
-        )
-        values = ss[ends]
-        del ss
-        pos_le = np.cumsum(ys, dtype=idx)[ends]
-        ends += 1
-        return cls(values=values, pos_le=pos_le, n_le=ends, pairs=(order, ys, last) if keep_pairs else None)
+        # two walks a step at a time, no sorted copy of the scores: which pairs end their distinct
+        # score (packed bits), then the counts at those ends, into arrays made at their final size
+        ends_bits, g = [], 0
+        for a in range(0, sf.size, PAIR_STEP):
+            b = min(a + PAIR_STEP, sf.size)
+            ss = sf[order[a : b + 1]]  # and the next step's first pair
+            last = np.ones(b - a, dtype=bool)
+            np.not_equal(ss[1:], ss[:-1], out=last[: len(ss) - 1])
+            ends_bits.append(np.packbits(last))
+            g += int(np.count_nonzero(last))
+        n_le, pos_le = np.empty(g, idx), np.empty(g, idx)
+        at, carry = 0, 0
+        for a, bits in zip(range(0, sf.size, PAIR_STEP), ends_bits, strict=True):
+            b = min(a + PAIR_STEP, sf.size)
+            ends = np.flatnonzero(np.unpackbits(bits, count=b - a))
+            cum = np.cumsum(ys[a:b], dtype=idx)
+            pos_le[at : at + len(ends)] = cum[ends]
+            pos_le[at : at + len(ends)] += carry
+            n_le[at : at + len(ends)] = ends + (a + 1)
+            at += len(ends)
+            carry += int(cum[-1])
+        del ends_bits
+        if keep_pairs:  # the labels as bits: 1 bit a pair instead of a byte
+            return cls(pos_le=pos_le, n_le=n_le, pairs=(sf, order, np.packbits(ys)))
+        return cls(pos_le=pos_le, n_le=n_le, values=sf[order[n_le - 1]])
+
+    def _value(self, g: np.ndarray) -> np.ndarray:
+        """The distinct scores of groups ``g``."""
+        if self.values is not None:
+            return self.values[g]
+        if self.pairs is None:
+            raise ValueError("this ranking keeps counts only (a column's), not its scores")
+        flat, order, _ = self.pairs
+        return flat[order[self.n_le[g] - 1]]
 
     def pair_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The sorted pairs (made with ``keep_pairs``) :data:`PAIR_STEP` at a time: each one's
         flat index, label and distinct-score group."""
-        order, ys, last = self.pairs  # type: ignore[misc]
-        before = 0  # groups that ended before the block
+        _, order, y_bits = self.pairs  # type: ignore[misc]
+        n_le = self.n_le
         for a in range(0, len(order), PAIR_STEP):
-            end = last[a : a + PAIR_STEP]
-            group = np.cumsum(end, dtype=self.n_le.dtype)
-            group -= end
-            group += before
-            before += int(end.sum())
-            yield order[a : a + PAIR_STEP], ys[a : a + PAIR_STEP], group
+            b = min(a + PAIR_STEP, len(order))
+            ys = np.unpackbits(y_bits[a // 8 : (b + 7) // 8])[a % 8 : a % 8 + b - a].view(bool)
+            # the groups of pairs a and b - 1 (keys of n_le's own type: a Python int would copy it)
+            g0, g1 = (int(g) for g in np.searchsorted(n_le, np.array([a, b - 1], n_le.dtype), side="right"))
+            group = np.zeros(b - a, dtype=n_le.dtype)
+            group[n_le[g0:g1] - a] = 1  # each later group starts where the one before it ends
+            np.cumsum(group, out=group)
+            group += g0
+            yield order[a:b], ys, group
 
     def columns(self, k: int) -> Iterator[Ranking]:
         """The rankings of the ``k`` columns of the (n, ``k``) pairs this one ranked (made with
-        ``keep_pairs``), one at a time: each column's pairs are in score order within the whole's
-        order, so no score sort; one walk over the pairs sorts them by column (a stable sort of
-        small integers)."""
+        ``keep_pairs``), one at a time, counts only (no scores): each column's pairs are in score
+        order within the whole's order, so no score sort; one walk over the pairs sorts them by
+        column (a stable sort of small integers), keeping of each pair its label and whether it
+        ends its distinct score in its column (2 bits a pair)."""
         code_dtype = np.int8 if k < 128 else np.int32
-        gs: list[list[np.ndarray]] = [[] for _ in range(k)]
-        ys: list[list[np.ndarray]] = [[] for _ in range(k)]
+        # per column and step: its pairs' labels and whether each ends its score, as packed bits
+        steps: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(k)]
+        prev = [-1] * k  # the group of each column's last pair so far
         for o, y_, group in self.pair_blocks():
             code = (o % k).astype(code_dtype)
             by = np.argsort(code, kind="stable")
             cuts = np.cumsum(np.bincount(code, minlength=k))[:-1]
             for j, (g, y) in enumerate(zip(np.split(group[by], cuts), np.split(y_[by], cuts), strict=True)):
-                gs[j].append(g)
-                ys[j].append(y)
+                if not g.size:
+                    continue
+                if steps[j] and prev[j] == g[0]:  # the column's last pair so far shares this one's score
+                    m, bits, _ = steps[j][-1]
+                    bits[(m - 1) // 8] &= ~np.uint8(1 << (7 - (m - 1) % 8))
+                last = np.ones(g.size, dtype=bool)
+                np.not_equal(g[1:], g[:-1], out=last[:-1])
+                steps[j].append((g.size, np.packbits(last), np.packbits(y)))
+                prev[j] = int(g[-1])
+        idx = self.n_le.dtype
         for j in range(k):
-            g = np.concatenate(gs[j]) if gs[j] else np.zeros(0, dtype=self.n_le.dtype)
-            y = np.concatenate(ys[j]) if ys[j] else np.zeros(0, dtype=bool)
-            gs[j] = ys[j] = []
-            last = np.r_[g[1:] != g[:-1], True] if g.size else np.zeros(0, dtype=bool)
-            ends = np.flatnonzero(last)
-            pos_le = np.cumsum(y, dtype=np.int64)[ends] if g.size else np.zeros(0, dtype=np.int64)
-            yield Ranking(values=self.values[g[ends]], pos_le=pos_le, n_le=ends + 1)
+            parts, steps[j] = steps[j], []
+            last = np.concatenate([np.unpackbits(b, count=m).view(bool) for m, b, _ in parts] or [np.zeros(0, bool)])
+            y = np.concatenate([np.unpackbits(b, count=m).view(bool) for m, _, b in parts] or [np.zeros(0, bool)])
+            del parts
+            ends = np.flatnonzero(last).astype(idx)
+            yield Ranking(pos_le=np.cumsum(y, dtype=idx)[ends], n_le=ends + 1)
 
     @property
     def positives(self) -> int:
@@ -108,7 +145,7 @@ class Ranking:
         """scikit-learn's ``tps`` and ``fps`` at descending positions ``a:b`` (all by default):
         positives and negatives with a score >= each distinct score, from the highest score down
         (as float, like its cumulative sums)."""
-        g = len(self.values)
+        g = len(self.n_le)
         b = g if b is None else b
         lo, hi = g - b, g - a  # the same groups, ascending
         first = slice(lo - 1, hi - 1) if lo > 0 else slice(0, max(hi - 1, 0))
@@ -125,7 +162,7 @@ class Ranking:
         trapezoids; one block is scikit-learn's arithmetic to the bit)."""
         if self.positives in (0, self.size):
             return float("nan")
-        g = len(self.values)
+        g = len(self.n_le)
         if g <= BLOCK:
             tps, fps = self._descending()
             if fps.shape[0] > 2:  # roc_curve(drop_intermediate=True): drop collinear points
@@ -154,7 +191,7 @@ class Ranking:
         Sums :data:`BLOCK` distinct scores at a time (one block is scikit-learn's arithmetic to the bit)."""
         if self.positives == 0:
             return float("nan")
-        g = len(self.values)
+        g = len(self.n_le)
         if g <= BLOCK:
             tps, fps = self._descending()
             ps = tps + fps
@@ -178,7 +215,7 @@ class Ranking:
         """Micro F1 of ``score >= t`` at every ``t`` (0 where it is 0/0), as
         :func:`tokmarg.metrics.f1_threshold_curve`."""
         th = np.asarray(thresholds, dtype=float).ravel()
-        below = np.searchsorted(self.values, th, side="left")  # groups with a score < t
+        below = self._groups_below(th)
         prev = below - 1
         n_lt = np.where(below > 0, self.n_le[np.maximum(prev, 0)], 0)
         pos_lt = np.where(below > 0, self.pos_le[np.maximum(prev, 0)], 0)
@@ -186,6 +223,19 @@ class Ranking:
         tp = self.positives - pos_lt.astype(np.int64)
         den = n_pred + self.positives
         return np.where(den > 0, 2.0 * tp / np.where(den > 0, den, 1), 0.0)
+
+    def _groups_below(self, th: np.ndarray) -> np.ndarray:
+        """How many distinct scores are below each of ``th``: ``np.searchsorted(values, th,
+        side="left")``, a binary search of all ``th`` at once where the scores are read from the pairs."""
+        if self.values is not None:
+            return np.searchsorted(self.values, th, side="left")
+        lo, hi = np.zeros(th.shape, dtype=np.int64), np.full(th.shape, len(self.n_le), dtype=np.int64)
+        while (open_ := lo < hi).any():
+            mid = (lo + hi) // 2
+            below = open_ & (self._value(np.minimum(mid, max(len(self.n_le) - 1, 0))) < th)
+            lo = np.where(below, mid + 1, lo)
+            hi = np.where(open_ & ~below, mid, hi)
+        return lo
 
 
 def clustered_delong(y: np.ndarray, s: np.ndarray, ranking: Ranking | None = None) -> tuple[float, float]:
@@ -219,10 +269,12 @@ def clustered_delong(y: np.ndarray, s: np.ndarray, ranking: Ranking | None = Non
         s10 += np.bincount(row[y_], weights=_placements(r, gp, positive=True) / big_n, minlength=n)
         s01 += np.bincount(row[~y_], weights=_placements(r, gn, positive=False) / big_m, minlength=n)
     m_i = yt.sum(axis=1).astype(np.float64)
-    n_i = k - m_i
     auc = float(s10.sum() / big_m)
-    d10, d01 = s10 - m_i * auc, s01 - n_i * auc
-    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    i10, i01 = int((m_i > 0).sum()), int((m_i < k).sum())
+    d10, d01 = s10, s01  # in place: S10_i - m_i A and S01_i - n_i A
+    d10 -= m_i * auc
+    m_i -= k  # -n_i
+    d01 += m_i * auc
     if i10 < 2 or i01 < 2:
         return auc, float("nan")
     var10 = i10 / ((i10 - 1) * big_m) * float(np.sum(d10 * d10))
