@@ -389,6 +389,7 @@ def test_a_kept_scan_gives_the_same_dataset_and_only_under_the_same_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tokmarg import data, scanindex
+    from tokmarg.rundir import write_table
 
     lines = [
         {"id": "a", "prompt": "p1", "labels": ["S1", "S14"]},
@@ -404,7 +405,8 @@ def test_a_kept_scan_gives_the_same_dataset_and_only_under_the_same_key(
     path, index = write(tmp_path, lines), tmp_path / "run" / scanindex.INDEX_FILE
     lg3 = LLAMA_GUARD_3.without(["S14"])  # c's S14 is dropped: a relabeled sample
     scanned = load_dataset(path, lg3, skip_invalid=True)
-    scanindex.write(index, scanned.index())
+    table, meta = scanindex.table(scanned.index())
+    write_table(table, index, meta)
     calls = []
     monkeypatch.setattr(data, "rows", lambda *a, **k: calls.append(a) or iter(()))  # any read of the rows: none
     kept = load_dataset(path, lg3, skip_invalid=True, index=index)

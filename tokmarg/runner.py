@@ -26,7 +26,7 @@ from tokmarg.progress import Progress
 from tokmarg.prompts import BUILTIN_FORMATS
 from tokmarg.records import Manifest, PartitionResult
 from tokmarg.reduce import reduce_run
-from tokmarg.rundir import FORMAT, PartitionWriter, RunDir, RunError, file_sha256, now, plan, slug
+from tokmarg.rundir import FORMAT, PartitionWriter, RunDir, RunError, file_sha256, now, plan, slug, write_table
 from tokmarg.settings import EvalSettings
 from tokmarg.worker import Partition, WorkerSpec
 
@@ -148,7 +148,8 @@ def run_eval(
         else:  # nothing left to score: keep what the session that scored it recorded
             launch = {**_previous_launch(out, launcher.name), "partitions_run": 0}
         if not ds.indexed and ds.key is not None:  # the scan, kept for a resume
-            scanindex.write(out / scanindex.INDEX_FILE, ds.index())
+            table, meta = scanindex.table(ds.index())
+            write_table(table, out / scanindex.INDEX_FILE, meta)
         return reduce_run(cfg, ds, rd, record, parts, launch, n_total - len(work), started)
     finally:
         rd.unlock()

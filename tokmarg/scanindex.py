@@ -13,8 +13,6 @@ sample per conversation shape). An index is used only under the very same key; a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,21 +38,12 @@ class ScanIndex:
     found: dict  # JSON: skipped (messages), n_relabeled, probes (one sample per conversation shape)
 
 
-def write(path: Path, index: ScanIndex) -> None:
-    """Write ``index`` to ``path`` atomically (a reader sees the old file or the whole new one)."""
+def table(index: ScanIndex) -> tuple[pa.Table, dict]:
+    """``index`` as a table and the metadata to store with it (the run directory writes it:
+    ``tokmarg.rundir.write_table``, atomically, the metadata under ``tokmarg``)."""
     columns = {"id": index.ids, "row": pa.array(index.rows), "offset": pa.array(index.offsets)}
     columns.update({f"{_LABEL}{c}": pa.array(index.labels[:, j]) for j, c in enumerate(index.codes)})
-    meta = {"key": index.key, "codes": list(index.codes), "found": index.found}
-    table = pa.table(columns).replace_schema_metadata({b"tokmarg": json.dumps(meta).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return pa.table(columns), {"key": index.key, "codes": list(index.codes), "found": index.found}
 
 
 def read(path: Path, key: dict) -> ScanIndex | None:
