@@ -275,3 +275,36 @@ def file_per_partition():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOKMARG_FILE_SAMPLES", "1")
         yield
+
+
+CALIBRATION_PARAMS = """
+seed: 3
+strategies:
+  greedy_generation: {max_new_tokens: 4}
+  token_probability: {max_new_tokens: 4, threshold: 0.3}
+  marginal_probability_at_any_place: {max_new_tokens: 3, eps: 0.05, top_p: 0.9, threshold: 0.3}
+"""
+
+
+@pytest.fixture(scope="session")
+def labeled_run(tmp_path_factory: pytest.TempPathFactory, trained_tiny_dir: Path) -> dict:
+    """A finished run of the trained tiny model on the shipped sample twice over (168 rows, ids
+    made unique), greedy and two score strategies: what `tokmarg calibrate` reads."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokmarg.cli import app
+
+    d = tmp_path_factory.mktemp("calibrate")
+    repo = Path(__file__).resolve().parents[1]
+    lines = (repo / "datasets" / "sample.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [{**json.loads(line), "id": f"{json.loads(line)['id']}-{k}"} for k in range(2) for line in lines]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (d / "params.yaml").write_text(CALIBRATION_PARAMS, encoding="utf-8")
+    out = d / "run"
+    args = ["eval", "--models", str(trained_tiny_dir), "--dataset", str(d / "data.jsonl"), "--params"]
+    args += [str(d / "params.yaml"), "--out", str(out), "--no-progress", "--no-ray", "--no-report"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return {"dir": d, "out": out, "rows": rows, "model": str(trained_tiny_dir)}

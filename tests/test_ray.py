@@ -247,3 +247,37 @@ def test_error_inside_a_partition_is_one_line(cluster: str, inputs, tiny_model_d
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "the chat template refused it: refused by the test" in errors[0], text
     assert not out.exists()
+
+
+def test_score_on_the_cluster_writes_what_one_process_writes(
+    cluster: str, labeled_run: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(labeled_run["out"], run)
+    res = CliRunner().invoke(app, ["calibrate", str(run), "--folds", "3", "--min-positives", "3"])
+    assert res.exit_code == 0, res.output
+    policy = next((run / "policies").glob("*__token_probability.yaml"))
+    data = labeled_run["dir"] / "data.jsonl"
+    base = ["score", "--policy", str(policy), "--dataset", str(data)]
+    local = tmp_path / "local"
+    res = CliRunner().invoke(app, [*base, "--out", str(local), "--no-ray", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    far = tmp_path / "cluster"
+    log = _finish(_driver([*base, "--out", str(far), "--address", cluster, "--replicas", "2"]))
+    assert "dashboard" in log
+    a = pd.read_parquet(local / "scores.parquet")
+    b = pd.read_parquet(far / "scores.parquet")
+    assert list(a["id"]) == list(b["id"]) and list(a["flagged"]) == list(b["flagged"])
+    for x, y in zip(a["category_scores"], b["category_scores"]):
+        assert x.keys() == y.keys() and all(abs(x[k] - y[k]) <= 1e-9 for k in x)
+    assert (far / "scores.jsonl").read_text() == (local / "scores.jsonl").read_text()
+    # another model is refused where the actor loads it: one line, nothing written
+    out = tmp_path / "refused"
+    proc = _driver([*base, "--out", str(out), "--address", cluster, "--models", str(tiny_model_dir)])
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "is not the model" in errors[0] and "Traceback" not in text, text
+    assert not out.exists()

@@ -56,6 +56,14 @@ class DeviceKind(StrEnum):
     CUDA = "cuda"
 
 
+class CalibrationMethod(StrEnum):
+    """How ``tokmarg calibrate`` maps a strategy's raw scores to probabilities."""
+
+    ISOTONIC = "isotonic"  # scikit-learn's IsotonicRegression: a monotone step-wise linear map
+    PLATT = "platt"  # a logistic regression on the score's logit: sigmoid(a * logit(s) + b)
+    NONE = "none"  # the raw score (only the thresholds are fitted)
+
+
 class Format(StrEnum):
     """A dataset file's format (by default from the file's extension)."""
 

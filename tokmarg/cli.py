@@ -62,26 +62,26 @@ OOM_HINT = "out of memory: lower --batch-size or --max-forward-tokens (or use a 
 
 
 @contextmanager
-def _errors(out: Path | None = None, retry: str = "") -> Iterator[None]:
+def _errors(out: Path | None = None, retry: str = "", command: str = "eval") -> Iterator[None]:
     """Turn what a user can fix into one ``error:`` line and exit code 2; name a run's kept partitions."""
     try:
         yield
     except TokmargError as e:
-        raise _fail(str(e) + (_kept(out) or retry)) from None
+        raise _fail(str(e) + (_kept(out, command) or retry)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted" + (_kept(out) or ("; no run directory written" if out else ""))) from None
+        raise _fail("interrupted" + (_kept(out, command) or ("; no run directory written" if out else ""))) from None
     except OSError as e:  # e.g. the disk filled up while writing a partition
-        raise _fail(f"{e.filename or out}: cannot write ({e.strerror or e})" + (_kept(out) or retry)) from None
+        raise _fail(f"{e.filename or out}: cannot write ({e.strerror or e})" + (_kept(out, command) or retry)) from None
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
             raise
-        raise _fail(OOM_HINT + _kept(out)) from None
+        raise _fail(OOM_HINT + _kept(out, command)) from None
 
 
-def _kept(out: Path | None) -> str:
+def _kept(out: Path | None, command: str = "eval") -> str:
     """The hint after a failure that left finished partitions behind."""
     if out is not None and (out / "run.json").is_file():
-        return f"; finished partitions are kept: `tokmarg eval --resume {out}` continues the run"
+        return f"; finished partitions are kept: `tokmarg {command} --resume {out}` continues the run"
     return ""
 
 
@@ -218,6 +218,89 @@ def report_cmd(
     if out is None and len(run_dirs) > 1:
         raise _fail("several run directories: give --out DIR for the combined report")
     _report(run_dirs, out or run_dirs[0] / "report")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a finished, labeled run directory", metavar="RUN_DIR")],
+    models: Annotated[list[str] | None, Opt(help="models of the run (default: all)")] = None,
+    strategies: Annotated[list[str] | None, Opt(help="score strategies of the run (default: all)")] = None,
+    method: Annotated[str, Opt(help=f"{allowed(C.CalibrationMethod, ' | ')}")] = "isotonic",
+    objective: Annotated[str, Opt(help="f1 | precision>=P | recall>=R | fpr<=F (per code, fitting folds)")] = "f1",
+    out: Annotated[
+        Path | None, Opt(help="policy file, for one model x strategy (default RUN_DIR/policies/MODEL__STRATEGY.yaml)")
+    ] = None,
+    folds: Annotated[int, Opt(min=2, help="seeded folds: one held out, the others fit")] = 5,
+    seed: Annotated[int | None, Opt(help="seed of the folds (default: the run's seed)")] = None,
+    min_positives: Annotated[
+        int, Opt(min=1, help="fewer fitting positives (or negatives): identity map, the strategy's threshold")
+    ] = 10,
+) -> None:
+    """Fit per-code calibration maps and thresholds on a labeled run; write a policy file per
+    model x score strategy (for `tokmarg score`) and the held-out metrics the report shows."""
+    from tokmarg.calibrate import CalibrateOptions, calibrate_run, policy_path
+    from tokmarg.report.text import calibrate_summary
+    from tokmarg.settings import split_names
+
+    opts = CalibrateOptions(
+        split_names(models) or (), split_names(strategies) or (), method, objective, out, folds, seed, min_positives
+    )
+    with _errors():
+        fitted = calibrate_run(run_dir, opts)
+    for f in fitted:
+        typer.echo(calibrate_summary(f.policy, policy_path(run_dir, f, opts)))
+
+
+@app.command("score", context_settings={"allow_extra_args": True})
+def score_cmd(
+    ctx: typer.Context,
+    policy: Annotated[Path | None, Opt(help="a policy file (tokmarg calibrate)")] = None,
+    dataset: Annotated[Path | None, Opt(help="rows to score: JSONL, Parquet or CSV (labels not needed)")] = None,
+    evaluate: Annotated[bool, Opt("--evaluate", help="the rows are labeled: also write evaluation.csv")] = False,
+    models: Annotated[list[str] | None, Opt(help="another copy of the policy's model (path or id)")] = None,
+    params: Annotated[Path | None, Opt(help="params for what the policy leaves unsaid (devices, templates)")] = None,
+    limit: Limit = None,
+    engine: Engine = None,
+    batch_size: BatchSize = None,
+    max_forward_tokens: MaxForward = None,
+    out: Annotated[Path | None, Opt(help="output directory (default runs/<timestamp>); again: resumes")] = None,
+    resume: Annotated[Path | None, Opt(help="continue this score directory (its own inputs)")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    skip_invalid: SkipInvalid = None,
+    format: DataFormat = None,  # noqa: A002 - the option's name
+    trust_remote_code: TrustCode = None,
+    allow_pickle: Pickle = None,
+    partition_size: Annotated[
+        int | None, Opt(min=1, help="samples per partition (default: the policy's run's, for the same batches)")
+    ] = None,
+    no_ray: Annotated[bool, Opt("--no-ray", help="score in this process")] = False,
+    address: Address = None,
+    replicas: Annotated[int | None, Opt(min=1, help="actors (default: 1)")] = None,
+    gpus_per_actor: Gpus = None,
+    cpus_per_actor: Cpus = None,
+    max_restarts: Annotated[int | None, Opt(min=0, help="restarts of a crashed actor (default: 3)")] = None,
+    dashboard_host: Dashboard = None,
+    progress: Annotated[bool, Opt(help="show progress bars")] = True,
+) -> None:
+    """Apply a policy to a dataset on the same launcher as eval: scores.parquet, scores.jsonl (one
+    OpenAI-moderation-shaped object per row) and, with --evaluate, evaluation.csv."""
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "policy", "evaluate", "params")}
+    from tokmarg.scorerun import score as run_score
+    from tokmarg.scorerun import score_settings
+
+    with _errors():
+        job, s = score_settings(
+            options, policy, params, evaluate, ctx.args, command=shlex.join(["tokmarg", *sys.argv[1:]])
+        )
+    with _errors(s.out, command="score"):
+        summary = run_score(job, s)
+    typer.echo(f"scored {summary.rows} rows, {summary.flagged} flagged: {s.out / 'scores.parquet'}, scores.jsonl")
+    if summary.evaluation is not None:
+        from tokmarg.report.text import evaluation_summary
+
+        typer.echo(evaluation_summary(summary.evaluation))
+        typer.echo(f"evaluation: {s.out / 'evaluation.csv'}")
 
 
 @app.command("bench")

@@ -223,6 +223,17 @@ class ModelArrays:
         }
 
 
+def score_matrix(scores: pa.Array | pa.ChunkedArray, labels: Sequence[str]) -> np.ndarray:
+    """(rows, len(labels)) float from a ``scores`` struct column (no score, or no struct: 0)."""
+    col = scores.combine_chunks() if isinstance(scores, pa.ChunkedArray) else scores
+    out = np.zeros((len(col), len(labels)))
+    for j, lab in enumerate(labels):
+        f = _struct_field(col, lab)
+        if f is not None:
+            out[:, j] = _floats(f, 0.0)
+    return out
+
+
 def strategy_index(table: pa.Table, model: str, strategies: Sequence[str]) -> np.ndarray:
     """Each row's strategy as an index of ``strategies``; RecordError on another model or strategy."""
     if "model" in table.column_names and table.num_rows:

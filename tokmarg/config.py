@@ -175,10 +175,12 @@ def build_config(
     semantics: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    raw: dict | None = None,
 ) -> Config:
-    """Validate params.yaml and the CLI choices into one :class:`Config`."""
+    """Validate params.yaml and the CLI choices into one :class:`Config`; ``raw``: the params as
+    already read (``tokmarg score`` adds a policy's to a file's), ``path`` then names them."""
     f = str(path)
-    raw = load_params(path)
+    raw = load_params(path) if raw is None else _mapping(f, raw, TOP_KEYS)
     sem = _choice(
         "--semantics" if semantics else f"{f}: semantics", semantics or raw.get("semantics", "exact"), Semantics
     )

@@ -299,10 +299,12 @@ def _beavertails(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple
     return conv, tuple(c for c in taxonomy.codes if c in hits)
 
 
-def parse_line(obj: object, line: int, taxonomy: Taxonomy) -> Sample:
+def parse_line(obj: object, line: int, taxonomy: Taxonomy, labeled: bool = True) -> Sample:
     """Turn one decoded JSON value into a :class:`Sample`.
 
-    ``line`` is the 1-based line number (the default id). Raises ``ValueError`` whose
+    ``line`` is the 1-based line number (the default id). With ``labeled=False`` a record may
+    carry no labels (``{"prompt": ...}``, a paper-shape record without its categories): its
+    codes are ``()``; labels it does carry are checked as ever. Raises ``ValueError`` whose
     message is the reason the record is invalid.
     """
     if not isinstance(obj, dict):
@@ -314,17 +316,17 @@ def parse_line(obj: object, line: int, taxonomy: Taxonomy) -> Sample:
             raise _RecordError(f"field 'id' must be a non-empty string, got {obj['id']!r}")
         sid = obj["id"]
 
-    shape = _shape(obj)
+    shape = _shape(obj, labeled)
     if shape == "paper":
-        conv, labels = _paper(obj, taxonomy)
+        conv, labels = _paper(obj, taxonomy, labeled)
     elif shape == "BeaverTails":
         conv, labels = _beavertails(obj, taxonomy)
     else:
-        conv, labels = _general(obj, taxonomy)
+        conv, labels = _general(obj, taxonomy, labeled)
     return Sample(sid, conv, labels, line)
 
 
-def _shape(obj: dict) -> str:
+def _shape(obj: dict, labeled: bool = True) -> str:
     """Which of the three shapes the record has (exactly one)."""
     paper_keys = [k for k in _PAPER_KEYS if k in obj]
     shapes = [
@@ -332,7 +334,7 @@ def _shape(obj: dict) -> str:
         for name, present in (
             ("paper", "unsafe_query" in obj or bool(paper_keys)),
             ("BeaverTails", "category" in obj or "is_safe" in obj),
-            ("general", "labels" in obj or "conversation" in obj),
+            ("general", "labels" in obj or "conversation" in obj or (not labeled and "prompt" in obj)),
         )
         if present
     ]
@@ -344,8 +346,10 @@ def _shape(obj: dict) -> str:
     return shapes[0]
 
 
-def _paper(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
+def _paper(obj: dict, taxonomy: Taxonomy, labeled: bool = True) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
     paper_keys = [k for k in _PAPER_KEYS if k in obj]
+    if not paper_keys and not labeled:
+        return (Turn("user", _text(obj, "unsafe_query", "paper")),), ()
     if len(paper_keys) != 1:
         found = " and ".join(paper_keys) if paper_keys else "neither"
         raise _RecordError(
@@ -357,7 +361,7 @@ def _paper(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple[str, 
     return (Turn("user", _text(obj, "unsafe_query", "paper")),), _codes(obj, key, taxonomy)
 
 
-def _general(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
+def _general(obj: dict, taxonomy: Taxonomy, labeled: bool = True) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
     if "conversation" in obj:
         for key in ("prompt", "response"):
             if key in obj:
@@ -369,7 +373,7 @@ def _general(obj: dict, taxonomy: Taxonomy) -> tuple[tuple[Turn, ...], tuple[str
             conv += (Turn("assistant", _text(obj, "response", "general")),)
     else:
         raise _RecordError("missing field 'prompt' or 'conversation' (general shape)")
-    return conv, _codes(obj, "labels", taxonomy)
+    return conv, _codes(obj, "labels", taxonomy) if labeled or "labels" in obj else ()
 
 
 # --------------------------------------------------------------------------- loading
@@ -385,9 +389,10 @@ class _Source:
 
     def __init__(
         self, path: Path, fmt: Format, cmap: ColumnMap, taxonomy: Taxonomy, rows_of: np.ndarray, offsets: np.ndarray,
-        kept: set[str],
+        kept: set[str], labeled: bool = True,
     ) -> None:  # fmt: skip
         self.path, self.fmt, self.cmap, self.taxonomy, self.kept = path, fmt, cmap, taxonomy, kept
+        self.labeled = labeled
         self.rows_of, self.offsets = rows_of, offsets
         self._cache: OrderedDict[tuple[int, int], tuple[Sample, ...]] = OrderedDict()
         self._cursor: Iterator[tuple[int, object, int]] | None = None
@@ -409,7 +414,7 @@ class _Source:
         for row, rec, _ in self._cursor:
             self._at = row
             if row == nxt:
-                out.append(_sample(rec, row, self.fmt, self.cmap, self.taxonomy, self.kept)[0])
+                out.append(_sample(rec, row, self.fmt, self.cmap, self.taxonomy, self.kept, self.labeled)[0])
                 nxt = next(need, None)
                 if nxt is None:
                     break
@@ -420,7 +425,9 @@ class _Source:
         return samples
 
 
-def _sample(rec: object, row: int, fmt: Format, cmap: ColumnMap, full: Taxonomy, kept: set[str]) -> tuple[Sample, bool]:
+def _sample(
+    rec: object, row: int, fmt: Format, cmap: ColumnMap, full: Taxonomy, kept: set[str], labeled: bool = True
+) -> tuple[Sample, bool]:
     """One row as a sample (labels of excluded codes dropped) and whether any were dropped."""
     if isinstance(rec, RowError):
         raise rec
@@ -428,7 +435,7 @@ def _sample(rec: object, row: int, fmt: Format, cmap: ColumnMap, full: Taxonomy,
         rec = cmap.apply(rec)
         if fmt is not Format.JSONL and isinstance(rec.get("id"), int) and not isinstance(rec["id"], bool):
             rec["id"] = str(rec["id"])  # a numeric id column
-    sample = parse_line(rec, row, full)
+    sample = parse_line(rec, row, full, labeled)
     if kept.issuperset(sample.true_codes):
         return sample, False
     return replace(sample, true_codes=tuple(c for c in sample.true_codes if c in kept)), True
@@ -443,6 +450,7 @@ def load_dataset(
     fmt: str | None = None,
     columns: ColumnMap | None = None,
     index: Path | None = None,
+    labeled: bool = True,
 ) -> Dataset:
     """Read and validate a dataset file against ``taxonomy``, streamed.
 
@@ -455,7 +463,8 @@ def load_dataset(
     column mapping. Labels of the taxonomy's excluded codes are valid and dropped (a sample left
     with none counts as safe); ``Dataset.n_relabeled`` counts such samples. ``index``: a kept scan
     (:mod:`tokmarg.scanindex`), used instead of reading the rows when it was made under the same
-    key (this file's SHA-256 and these arguments).
+    key (this file's SHA-256 and these arguments). ``labeled=False``: rows may carry no labels
+    (``tokmarg score``; see :func:`parse_line`).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -478,10 +487,12 @@ def load_dataset(
         "taxonomy": [taxonomy.name, taxonomy.kin, list(taxonomy.codes), list(full.codes)],
         "skip_invalid": skip_invalid,
         "limit": limit,
+        **({} if labeled else {"labeled": False}),
     }
     if index is not None and (kept_scan := scanindex.read(index, key)) is not None:
         try:
-            return _from_index(kept_scan, name, _Source(p, form, cmap, full, kept_scan.rows, kept_scan.offsets, kept))
+            src = _Source(p, form, cmap, full, kept_scan.rows, kept_scan.offsets, kept, labeled)
+            return _from_index(kept_scan, name, src)
         except (KeyError, TypeError, ValueError):
             pass  # not what a scan writes: read the file
     col = {c: j for j, c in enumerate(taxonomy.codes)}
@@ -497,7 +508,7 @@ def load_dataset(
             if limit is not None and len(ids) >= limit:
                 break
             try:
-                sample, dropped = _sample(rec, row, form, cmap, full, kept)
+                sample, dropped = _sample(rec, row, form, cmap, full, kept, labeled)
                 if sample.id in seen:
                     raise _RecordError(f"duplicate sample id {sample.id!r} (first on {_at(form, seen[sample.id])})")
             except ValueError as exc:
@@ -532,7 +543,7 @@ def load_dataset(
         skipped=tuple(skipped),
         n_relabeled=relabeled,
         probes=tuple(shapes.values()),
-        source=_Source(p, form, cmap, full, _compact(rows_of), _compact(offsets), kept),
+        source=_Source(p, form, cmap, full, _compact(rows_of), _compact(offsets), kept, labeled),
         key=key,
     )
 

@@ -13,7 +13,9 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -43,16 +45,22 @@ def load_inputs(settings: EvalSettings) -> tuple[Config, Dataset]:
     """The validated params and the dataset the settings name."""
     s = settings
     cfg = build_config(s.params, s.models, s.strategies, s.semantics, s.device, s.dtype)
-    ds = load_dataset(
+    return cfg, read_dataset(s, cfg)
+
+
+def read_dataset(settings: EvalSettings, cfg: Config, labeled: bool = True) -> Dataset:
+    """The dataset file the settings name, read as the config says (a resume reads the scan it kept)."""
+    s = settings
+    return load_dataset(
         s.dataset,
         cfg.taxonomy,
         skip_invalid=s.skip_invalid,
         limit=s.limit,
         fmt=s.format,
         columns=cfg.dataset,
-        index=s.out / scanindex.INDEX_FILE,  # a resume reads the scan it kept (same file, same arguments)
+        index=s.out / scanindex.INDEX_FILE,  # same file, same arguments
+        labeled=labeled,
     )
-    return cfg, ds
 
 
 def evaluate(settings: EvalSettings, log: Log = _stderr) -> tuple[pd.DataFrame, Manifest]:
@@ -102,8 +110,8 @@ def job_of(cfg: Config, ds: Dataset, settings: EvalSettings) -> dict:
     }
 
 
-def _partitions(ds: Dataset, size: int) -> list[Partition]:
-    has_safe = ds.has_safe
+def _partitions(ds: Dataset, size: int, has_safe: bool | None = None) -> list[Partition]:
+    has_safe = ds.has_safe if has_safe is None else has_safe
     return [Partition(i, a, b, has_safe, ds) for i, (a, b) in enumerate(plan(len(ds), size))]
 
 
@@ -115,21 +123,46 @@ def _check_folders(cfg: Config) -> None:
             raise RunError(f"--models: {other!r} and {m.name!r} would share the folder {slug(m.name)!r}; rename one")
 
 
-def run_eval(
-    cfg: Config, ds: Dataset, settings: EvalSettings, launcher: Launcher, log: Log = _stderr
-) -> tuple[pd.DataFrame, Manifest]:
-    """Score the partitions ``settings.out`` lacks, then reduce it; returns (metrics, manifest)."""
+@dataclass(frozen=True)
+class Scored:
+    """A run directory whose partitions are all scored (the run's lock held)."""
+
+    rd: RunDir
+    record: dict
+    parts: list[Partition]
+    launch: dict
+    n_done_before: int  # partitions finished before this session
+    started: str
+
+
+@contextmanager
+def scored_run(
+    cfg: Config,
+    ds: Dataset,
+    settings: EvalSettings,
+    launcher: Launcher,
+    log: Log = _stderr,
+    *,
+    job: dict | None = None,
+    extra: dict | None = None,
+    has_safe: bool | None = None,
+    expect: dict | None = None,
+) -> Iterator[Scored]:
+    """Score the partitions ``settings.out`` lacks; yields the finished run (locked until the block
+    ends). ``job``: what a resume must match (default :func:`job_of`); ``extra``: more of
+    ``run.json``; ``has_safe``: the partitions' (default: the dataset has safe rows); ``expect``:
+    the identity each worker checks at load (a policy's)."""
     started = now()
     _check_folders(cfg)
     out = settings.out
     rd = RunDir(out)
     stored = rd.stored()
-    job = job_of(cfg, ds, settings)
+    job = job_of(cfg, ds, settings) if job is None else job
     if stored is not None:
         rd.check_same_job(stored, job)
         rd.lock()
         rd.clean_temporaries()
-    parts = _partitions(ds, settings.partition_size)
+    parts = _partitions(ds, settings.partition_size, has_safe)
     done = {m.name: rd.done(m.name, len(parts)) for m in cfg.models}
     work = [(m.name, p) for m in cfg.models for p in parts if p.index not in done[m.name]]
     n_total = len(parts) * len(cfg.models)
@@ -141,18 +174,27 @@ def run_eval(
         "job": job,
         "command": settings.command,
         "created": started,
+        **(extra or {}),
     }
     try:
         if work:
-            launch = _score(cfg, ds, rd, record, parts, done, work, launcher, settings)
+            launch = _score(cfg, ds, rd, record, parts, done, work, launcher, settings, expect)
         else:  # nothing left to score: keep what the session that scored it recorded
             launch = {**_previous_launch(out, launcher.name), "partitions_run": 0}
         if not ds.indexed and ds.key is not None:  # the scan, kept for a resume
             table, meta = scanindex.table(ds.index())
             write_table(table, out / scanindex.INDEX_FILE, meta)
-        return reduce_run(cfg, ds, rd, record, parts, launch, n_total - len(work), started)
+        yield Scored(rd, record, parts, launch, n_total - len(work), started)
     finally:
         rd.unlock()
+
+
+def run_eval(
+    cfg: Config, ds: Dataset, settings: EvalSettings, launcher: Launcher, log: Log = _stderr
+) -> tuple[pd.DataFrame, Manifest]:
+    """Score the partitions ``settings.out`` lacks, then reduce it; returns (metrics, manifest)."""
+    with scored_run(cfg, ds, settings, launcher, log) as run:
+        return reduce_run(cfg, ds, run.rd, run.record, run.parts, run.launch, run.n_done_before, run.started)
 
 
 def _previous_launch(out: Path, launcher: str) -> dict:
@@ -173,6 +215,7 @@ def _score(
     work: list[tuple[str, Partition]],
     launcher: Launcher,
     settings: EvalSettings,
+    expect: dict | None = None,
 ) -> dict:
     todo_models = {m for m, _ in work}
     probes = ds.probes  # each worker renders one sample per conversation shape at load
@@ -184,6 +227,7 @@ def _score(
             trust_remote_code=settings.trust_remote_code,
             allow_pickle=settings.allow_pickle,
             probes=probes,
+            expect=expect,
         )
         for mc in cfg.models
         if mc.name in todo_models

@@ -19,6 +19,7 @@ from tokmarg.config import Config, ModelConfig
 from tokmarg.data import Dataset, Sample
 from tokmarg.engine.score import EngineOptions, score
 from tokmarg.engine.tree import common_prefix_len
+from tokmarg.fingerprint import check_identity, fingerprint_dir, model_source_dir, prompt_sha256
 from tokmarg.models import load_model, model_view
 from tokmarg.prompts import PromptFormat, load_format
 from tokmarg.records import PartitionMeta, PartitionResult
@@ -41,6 +42,7 @@ class WorkerSpec:
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     spread: bool = False  # spread the model over every visible GPU (accelerate device map)
     probes: tuple[Sample, ...] = ()  # one sample per conversation shape: rendered at load time
+    expect: dict | None = None  # a policy's model_sha256, model_files, prompt_sha256: refuse another at load
 
     @classmethod
     def from_config(cls, mc: ModelConfig, cfg: Config, **kw: object) -> WorkerSpec:
@@ -102,6 +104,10 @@ class Worker:
         )
         self.prompt = spec.prompt(self.lm.tokenizer)
         self.prompt.check(spec.probes)  # a conversation the template cannot render: one line, now
+        self.fingerprint = fingerprint_dir(model_source_dir(mc.name))  # what a policy file checks
+        self.prompt_sha256 = prompt_sha256(self.prompt)
+        if spec.expect is not None:
+            check_identity(mc.name, self.fingerprint, self.prompt_sha256, spec.expect)
         self.info, self.tokens = model_view(self.lm, spec.labels[1:])
         self.template_prefix = self._template_prefix()
         self.load_seconds = time.perf_counter() - t0
@@ -112,7 +118,9 @@ class Worker:
         how the dataset was partitioned."""
         return common_prefix_len([self.prompt.ids(s) for s in probe_samples()])
 
-    def describe(self) -> dict:
+    def describe(self, files: bool = True) -> dict:
+        """Where and with what this worker scores: host, device, dtype, the model files' and the
+        rendered prompt's hashes, and (with ``files``) each model file's hash."""
         import torch
 
         return {
@@ -123,6 +131,9 @@ class Worker:
             "dtype": str(self.lm.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(),
             "load_seconds": round(self.load_seconds, 3),
+            "model_sha256": self.fingerprint.sha256,
+            **({"model_files": dict(self.fingerprint.files)} if files else {}),
+            "prompt_sha256": self.prompt_sha256,
         }
 
     def run_partition(self, part: Partition) -> PartitionResult:
@@ -147,7 +158,7 @@ class Worker:
             tokens_forwarded=sum(per_sample),
             prefix_tokens=stats.prefix_tokens,
             forward_calls=stats.forward_calls,
-            worker=self.describe(),
+            worker=self.describe(files=False),  # the file list once, in the manifest's launch.workers
         )
         return PartitionResult(
             meta,

@@ -279,6 +279,35 @@ def _calibration(doc: _Doc, inputs: ReportInputs, scored: list[str]) -> None:
         doc.csvs["csv/reliability.csv"] = rel
         doc.figure("reliability", plots.reliability_plot(rel, doc.names), "Reliability diagrams per score strategy")
         doc.add(Text("data: `csv/reliability.csv`"))
+    if inputs.calibrated:
+        _policies(doc, inputs)
+
+
+def _policies(doc: _Doc, inputs: ReportInputs) -> None:
+    th, rel = inputs.calibrated["thresholds"], inputs.calibrated["reliability"]
+    doc.add(
+        Heading(3, "5.1 Calibrated policies (`tokmarg calibrate`)"),
+        Text(
+            "Per code a calibration map and a threshold, fitted on every fold of the rows but one and measured on "
+            "that held-out fold only: the numbers below saw neither the map's nor the threshold's fit. `flagged` is "
+            "`unsafe` at its threshold or any code at its own; `codes (micro)` pools every (sample, code) pair, "
+            "beside the raw scores at the run's threshold. Each policy file (last column) holds the maps."
+        ),
+    )
+    summary = T.policy_summary(th, rel)
+    doc.table(summary.assign(policy=[Path(p).name for p in summary["policy"]]), "policies", summary)
+    codes = th[th["label"].isin(["unsafe", *inputs.codes])]
+    doc.add(Text("Per code: the threshold and its held-out rates (fitted: enough positives and negatives to fit)."))
+    doc.table(T.policy_codes(codes), "policy_thresholds", codes)
+    both = rel.assign(model=rel["model"] + " · " + rel["when"])
+    names = {m: f"{doc.names.get(m.rsplit(' · ', 1)[0], m)} {m.rsplit(' · ', 1)[1]}" for m in both["model"].unique()}
+    doc.figure(
+        "reliability_calibrated",
+        plots.reliability_plot(both, names),
+        "Held-out reliability per score strategy, raw scores (before) and calibrated (after)",
+    )
+    doc.csvs["csv/reliability_calibrated.csv"] = rel
+    doc.add(Text("data: `csv/reliability_calibrated.csv`"))
 
 
 def _binary(doc: _Doc, inputs: ReportInputs) -> None:

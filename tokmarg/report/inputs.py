@@ -8,7 +8,7 @@ samples of the same dataset file (same SHA-256, same sample ids) with the same t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class Run:
     sample_ids: pa.Array  # (n,) string
     true_labels: pa.Array  # (n,) list<string>: each sample's codes, from labels.parquet
     codes: tuple[str, ...]
+    calibrated: dict[str, pd.DataFrame] = field(default_factory=dict)  # `tokmarg calibrate`'s tables, if run
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ReportInputs:
     metrics: pd.DataFrame  # every run's metrics.csv, with a ``run`` column
     curves: dict[str, pd.DataFrame]  # every run's Run.curves, concatenated
     stored_tables: dict[str, pd.DataFrame] | None = None  # a single run's RUN/tables/*.csv (None: compute them)
+    calibrated: dict[str, pd.DataFrame] = field(default_factory=dict)  # thresholds, reliability (calibrate)
 
     @property
     def models(self) -> list[str]:
@@ -140,12 +142,21 @@ def load_run(path: Path) -> Run:
     curves = _stored_curves(path) or _curves_from_predictions(
         path, metrics, ids, label_matrix(true_labels, codes), codes
     )
-    return Run(path, manifest, metrics, curves, ids, true_labels, codes)
+    return Run(path, manifest, metrics, curves, ids, true_labels, codes, _calibrated(path))
 
 
-def _stored_curves(path: Path) -> dict[str, pd.DataFrame] | None:
-    """``RUN/curves/*.csv`` as the reduce wrote them; None for a run reduced before they were."""
-    files = {name: path / CURVES_DIR / f"{name}.csv" for name in CURVE_COLUMNS}
+CALIBRATED = {"thresholds": ("model", "strategy", "label", "threshold"), "reliability": CURVE_COLUMNS["reliability"]}
+
+
+def _calibrated(path: Path) -> dict[str, pd.DataFrame]:
+    """``RUN/calibration/*.csv`` that ``tokmarg calibrate`` wrote; {} where it was not run."""
+    return _csvs(path / "calibration", CALIBRATED) or {}
+
+
+def _csvs(folder: Path, columns: dict) -> dict[str, pd.DataFrame] | None:
+    """``folder/<name>.csv`` for every name of ``columns`` (each checked for its columns); None
+    unless all are there."""
+    files = {name: folder / f"{name}.csv" for name in columns}
     if not all(f.is_file() for f in files.values()):
         return None
     out = {}
@@ -154,8 +165,13 @@ def _stored_curves(path: Path) -> dict[str, pd.DataFrame] | None:
             out[name] = pd.read_csv(f)
         except (OSError, ValueError) as e:
             raise ReportError(f"{f}: cannot read ({str(e).splitlines()[0]})") from None
-        _columns(f, list(out[name].columns), tuple(CURVE_COLUMNS[name]))
+        _columns(f, list(out[name].columns), tuple(columns[name]))
     return out
+
+
+def _stored_curves(path: Path) -> dict[str, pd.DataFrame] | None:
+    """``RUN/curves/*.csv`` as the reduce wrote them; None for a run reduced before they were."""
+    return _csvs(path / CURVES_DIR, CURVE_COLUMNS)
 
 
 def _curves_from_predictions(
@@ -212,7 +228,12 @@ def combine(runs: list[Run]) -> ReportInputs:
     y_true = label_matrix(first.true_labels, first.codes)
     curves = {name: pd.concat([r.curves[name] for r in runs], ignore_index=True) for name in CURVE_COLUMNS}
     stored = _stored_tables(first) if len(runs) == 1 else None  # several runs: tables over all their models
-    return ReportInputs(tuple(runs), first.codes, len(first.sample_ids), y_true, metrics, curves, stored)
+    calibrated = {
+        name: pd.concat([r.calibrated[name] for r in runs if r.calibrated], ignore_index=True)
+        for name in CALIBRATED
+        if any(r.calibrated for r in runs)
+    }
+    return ReportInputs(tuple(runs), first.codes, len(first.sample_ids), y_true, metrics, curves, stored, calibrated)
 
 
 def _stored_tables(run: Run) -> dict[str, pd.DataFrame]:

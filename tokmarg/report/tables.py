@@ -174,3 +174,47 @@ def params_table(inputs: ReportInputs) -> pd.DataFrame:
             for strategy, p in res.get("params", {}).items():
                 rows.append({"model": model, "prompt": res.get("prompt", ""), "strategy": strategy, **p})
     return pd.DataFrame(rows)
+
+
+def _pooled_ece(rel: pd.DataFrame) -> float:
+    """ECE over every pair from reliability bins: sum |n (mean score - fraction true)| / sum n."""
+    g = rel[rel["n_pairs"] > 0]
+    n = g["n_pairs"].sum()
+    return float((g["n_pairs"] * (g["mean_score"] - g["fraction_true"]).abs()).sum() / n) if n else float("nan")
+
+
+def policy_summary(thresholds: pd.DataFrame, reliability: pd.DataFrame) -> pd.DataFrame:
+    """Per calibrated model x strategy: method, objective, held-out flagged and micro rates, ECE
+    before and after (every held-out (sample, code) pair), and the policy file."""
+    rows = []
+    for (model, strategy), g in thresholds.groupby(["model", "strategy"], sort=False):
+        by = g.set_index("label")
+        verdicts = g[g["fitted"].notna()]
+        rel = reliability[(reliability["model"] == model) & (reliability["strategy"] == strategy)]
+        rows.append(
+            {
+                "model": model,
+                "strategy": strategy,
+                "map": ", ".join(sorted(set(verdicts.loc[verdicts["fitted"].astype(bool), "map"]))) or "identity",
+                "objective": verdicts["objective"].iloc[0] if len(verdicts) else "",
+                "held-out rows": by.at["flagged", "rows"] if "flagged" in by.index else np.nan,
+                "flagged precision": by.at["flagged", "precision"] if "flagged" in by.index else np.nan,
+                "flagged recall": by.at["flagged", "recall"] if "flagged" in by.index else np.nan,
+                "codes F1 (micro)": by.at["codes (micro)", "f1"] if "codes (micro)" in by.index else np.nan,
+                "raw codes F1 at the run's threshold": next(
+                    (by.at[k, "f1"] for k in by.index if str(k).startswith("codes (micro), raw")), np.nan
+                ),
+                "ECE before": _pooled_ece(rel[rel["when"] == "before"]),
+                "ECE after": _pooled_ece(rel[rel["when"] == "after"]),
+                "policy": g["policy"].iloc[0],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def policy_codes(codes: pd.DataFrame) -> pd.DataFrame:
+    """The per-code thresholds table as shown: one row per model x strategy x verdict."""
+    cols = ["model", "strategy", "label", "fitted", "map", "threshold", "support", "precision", "recall", "f1", "fpr"]
+    out = codes[[c for c in cols if c in codes.columns]].copy()
+    out["ECE before -> after"] = [f"{a:.3f} -> {b:.3f}" for a, b in zip(codes["ece_before"], codes["ece_after"])]
+    return out.rename(columns={"label": "code"})

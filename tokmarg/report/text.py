@@ -10,6 +10,7 @@ import pandas as pd
 from tokmarg.config import Config
 from tokmarg.data import Dataset
 from tokmarg.metrics import HEADLINE
+from tokmarg.policy.file import Policy
 from tokmarg.records import Manifest
 from tokmarg.settings import EvalSettings
 
@@ -144,3 +145,47 @@ def bench_summary(res: dict) -> str:
     if not res["all"]["codes_agree"]:
         lines.append(f"disagreeing (strategy:sample): {', '.join(res['all']['disagreeing'])}")
     return "\n".join(lines)
+
+
+def calibrate_summary(policy: Policy, path: object) -> str:
+    """After ``tokmarg calibrate``: per verdict its threshold and held-out rates, ECE before -> after."""
+    p, d = policy, policy.dataset
+    head = (
+        f"policy: {path}\n  {p.model['id']} / {p.strategy['name']}: {p.calibration['method']}, "
+        f"{p.calibration['objective']}; fitted on {d['fit_rows']} rows, measured on {d['held_out_rows']} held out"
+    )
+    rows = []
+    for v in p.verdicts:
+        h = v.held_out
+        rows.append(
+            {
+                "verdict": v.label,
+                "fitted": "yes" if v.fitted else "no",
+                "threshold": v.threshold,
+                "fit precision": v.fit.get("precision"),
+                "support": h.get("support"),
+                "precision": h.get("precision"),
+                "recall": h.get("recall"),
+                "f1": h.get("f1"),
+                "fpr": h.get("fpr"),
+                "ECE before": h.get("ece_before"),
+                "ECE after": h.get("ece_after"),
+            }
+        )
+    for name, h in (("flagged", p.flagged.get("held_out", {})), *p.summary.items()):
+        rows.append({"verdict": name, **{k: h.get(k) for k in ("support", "precision", "recall", "f1", "fpr")}})
+    table = pd.DataFrame(rows).to_string(index=False, na_rep="", float_format=_fmt)
+    unfit = [v.label for v in p.verdicts if not v.fitted]
+    note = f"\n  not fitted (identity map, the strategy's threshold): {', '.join(unfit)}" if unfit else ""
+    return f"{head}\n{table}{note}"
+
+
+def evaluation_summary(evaluation: pd.DataFrame) -> str:
+    """After ``tokmarg score --evaluate``: per set of rows, each verdict's rates and ECE."""
+    cols = ["label", "rows", "support", "flagged", "precision", "recall", "f1", "fpr", "ece_before", "ece_after"]
+    out = []
+    for name, g in evaluation.groupby("subset", sort=False):
+        title = "every row" if name == "all" else "the policy's held-out rows (this is the dataset it was fitted on)"
+        out.append(f"{title}:")
+        out.append(g[[c for c in cols if c in g.columns]].to_string(index=False, na_rep="", float_format=_fmt))
+    return "\n".join(out)
