@@ -52,7 +52,6 @@ def test_held_out_numbers_are_those_of_the_policy_applied_to_rows_it_did_not_fit
     held = held_out_rows(ids, 3, 3)  # the run's seed
     assert 0 < held.sum() < len(ids)
     for strategy in STRATEGIES:
-        path = run["out"] / "policies" / f"{Path(run['model']).name}__{strategy}.yaml".replace("/", "_")
         files = list((run["out"] / "policies").glob(f"*__{strategy}.yaml"))
         assert len(files) == 1, files
         path = files[0]
@@ -133,6 +132,7 @@ def _nothing_written(run_dir: Path, before: set[Path]) -> None:
         (["--models", "other"], "is not a model of"),
         (["--objective", "precision>0.9"], "--objective"),
         (["--method", "spline"], "--method: 'spline' is not allowed"),
+        (["--folds", "100000"], "leave no held-out rows"),
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(run: dict, tmp_path: Path, extra: list[str], msg: str) -> None:

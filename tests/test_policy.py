@@ -209,3 +209,86 @@ def test_method_none_keeps_the_raw_score_and_fits_only_the_threshold():
         if f.fitted:
             flag = raw[~held, labels.index(f.label)] >= f.threshold
             assert y[~held, labels.index(f.label)][flag].sum() / y[~held, labels.index(f.label)].sum() >= 0.8
+
+
+@pytest.mark.parametrize("objective", ["f1", "precision>=0.6", "recall>=0.7", "fpr<=0.2", "precision>=0.99"])
+def test_thresholds_are_the_ones_a_brute_force_walk_picks(objective):
+    rng = np.random.default_rng(11)
+    s = np.round(rng.random(300), 2)  # ties
+    y = rng.random(300) < s
+    obj = Objective.parse(objective)
+    best, met = None, False
+    cands = sorted(set(s), reverse=True)  # highest first; each flags s >= t
+    rows = []
+    for t in cands:
+        tp = int(((s >= t) & y).sum())
+        fp = int(((s >= t) & ~y).sum())
+        rows.append((t, tp, fp))
+    pos, neg = int(y.sum()), int((~y).sum())
+    if obj.metric == "f1":
+        f1 = [2 * tp / (2 * tp + fp + pos - tp) for _, tp, fp in rows]
+        best, met = rows[int(np.argmax(f1))][0], True  # first maximum: the highest threshold
+    elif obj.metric == "precision":
+        ok = [t for t, tp, fp in rows if tp / (tp + fp) >= obj.bound]
+        best, met = (ok[-1], True) if ok else (None, False)
+    elif obj.metric == "recall":
+        ok = [t for t, tp, _ in rows if tp / pos >= obj.bound]
+        best, met = ok[0], True
+    else:
+        ok = [t for t, _, fp in rows if fp / neg <= obj.bound]
+        best, met = (ok[-1] if ok else np.inf), True
+    t, got_met = choose_threshold(s, y, obj)
+    assert got_met == met
+    if best is not None:
+        assert t == best
+
+
+def _policy_doc() -> dict:
+    v = {"fitted": False, "note": "", "map": {"kind": "identity"}, "threshold": 0.5, "fit": {}, "held_out": {}}
+    return {
+        "format": "tokmarg-policy/1",
+        "model": {"id": "m", "sha256": "a" * 64, "files": {"config.json": "b" * 64}, "dtype": "float32"},
+        "prompt": {"format": "instruct", "sha256": "c" * 64, "answer_prefix": ""},
+        "taxonomy": {"name": "llama_guard_3", "codes": ["S1", "S2"], "excluded": []},
+        "strategy": {"name": "token_probability", "semantics": "exact", "params": {"threshold": 0.2}},
+        "calibration": {"method": "isotonic", "objective": "f1", "folds": 5, "seed": 0, "min_positives": 10},
+        "dataset": {"sha256": "d" * 64, "rows": 10, "partition_size": 32},
+        "verdicts": {"S2": dict(v), "unsafe": dict(v), "S1": {**v, "threshold": 0.25}},
+    }
+
+
+def test_a_policy_reads_its_verdicts_in_the_order_of_the_scores(tmp_path):
+    from tokmarg.policy.file import read_policy
+
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(_policy_doc()), encoding="utf-8")
+    pol = read_policy(p)
+    assert pol.labels == ("unsafe", "S1", "S2") and pol.verdicts[1].threshold == 0.25
+
+
+@pytest.mark.parametrize(
+    "change, msg",
+    [
+        (lambda d: d["verdicts"].pop("unsafe"), "verdicts: no verdict for 'unsafe'"),
+        (lambda d: d["verdicts"].pop("S2"), "verdicts: no verdict for 'S2'"),
+        (lambda d: d["verdicts"].update(S9=d["verdicts"]["S1"]), "verdicts.S9: not a code"),
+        (lambda d: d["calibration"].update(folds=1), "calibration.folds: expected a whole number >= 2"),
+        (lambda d: d["calibration"].pop("seed"), "calibration.seed"),
+        (lambda d: d["dataset"].update(partition_size="32"), "dataset.partition_size"),
+        (lambda d: d["model"].update(files=["config.json"]), "model.files: expected a mapping"),
+        (lambda d: d["strategy"].pop("semantics"), "strategy.semantics: missing"),
+        (lambda d: d["verdicts"]["S1"].update(threshold=float("nan")), "verdicts.S1.threshold"),
+        (lambda d: d["verdicts"]["S1"].update(map={"kind": "platt", "a": float("inf"), "b": 0, "eps": 1e-6}), "finite"),
+        (lambda d: d.update(format="other/2"), "format: expected 'tokmarg-policy/1'"),
+    ],
+)
+def test_a_malformed_policy_is_named_in_one_line(tmp_path, change, msg):
+    from tokmarg.policy.file import PolicyError, read_policy
+
+    doc = _policy_doc()
+    change(doc)
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    with pytest.raises(PolicyError, match=msg) as e:
+        read_policy(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)

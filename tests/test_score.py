@@ -98,6 +98,7 @@ def test_the_jsonl_is_the_openai_moderation_shape(cal: dict) -> None:
         assert _score(cal["policies"]["token_probability"], cal["unlabeled"], out).exit_code == 0
     lines = (out / "scores.jsonl").read_text(encoding="utf-8").splitlines()
     table = pq.read_table(out / "scores.parquet").to_pylist()
+    unsafe_t = read_policy(cal["policies"]["token_probability"]).verdicts[0].threshold
     assert len(lines) == len(table) == len(cal["rows"])
     for line, row in zip(lines, table):
         obj = json.loads(line)
@@ -107,7 +108,7 @@ def test_the_jsonl_is_the_openai_moderation_shape(cal: dict) -> None:
         assert list(obj["category_scores"]) == CODES
         assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in obj["category_scores"].values())
         assert obj == {k: row[k] for k in obj}
-        assert obj["flagged"] == (any(obj["categories"].values()) or row["unsafe_score"] >= 0) or not obj["flagged"]
+        assert obj["flagged"] == (any(obj["categories"].values()) or row["unsafe_score"] >= unsafe_t)
 
 
 def test_evaluate_gives_back_the_held_out_numbers_the_policy_states(cal: dict) -> None:
@@ -144,6 +145,8 @@ def test_another_model_prompt_taxonomy_or_parameters_are_refused(cal: dict, tiny
     policy, d = cal["policies"]["token_probability"], cal["d"]
     out = d / "refused"
     _refused(_score(policy, cal["unlabeled"], out, "--models", str(tiny_model_dir)), out, "is not the model")
+    msg = "loads in bfloat16, but"
+    _refused(_score(policy, cal["unlabeled"], out, "--dtype", "bf16"), out, msg)  # fitted on float32 scores
     model = read_policy(policy).model["id"]
     cases = {
         "prompt": (f'models:\n  "{model}": {{answer_prefix: "Verdict: "}}\n', "reads another prompt"),
@@ -195,6 +198,17 @@ def test_score_resumes_and_writes_the_same_rows(cal: dict) -> None:
     res = runner.invoke(app, ["score", "--resume", str(out), "--no-ray", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "6 of 6 partitions done" in res.output
+    assert (out / "scores.jsonl").read_text(encoding="utf-8") == first
+    # the same --out with another policy is another job: refused in one line, the run kept
+    other = cal["d"] / "other.yaml"
+    res = runner.invoke(
+        app,
+        ["calibrate", str(cal["run"]), "--folds", "3", "--min-positives", "3", "--out", str(other)]
+        + ["--strategies", "token_probability", "--objective", "recall>=0.9"],
+    )
+    assert res.exit_code == 0, res.output
+    res = _score(other, cal["unlabeled"], out)
+    assert res.exit_code == 2 and "policy_sha256" in res.output, res.output
     assert (out / "scores.jsonl").read_text(encoding="utf-8") == first
 
 

@@ -33,7 +33,7 @@ from tokmarg.policy.fit import FitSpec, StrategyFit, fit_strategy, held_out_rows
 from tokmarg.policy.objective import Objective
 from tokmarg.records import Manifest, RecordError, conform
 from tokmarg.reduce import RELIABILITY, curve_frames
-from tokmarg.rundir import LABELS_FILE, RunDir, atomic_write, now, parquet_meta, slug, write_table
+from tokmarg.rundir import LABELS_FILE, RunDir, atomic_write, ids_sha256, now, parquet_meta, slug, write_table
 from tokmarg.strategies import REGISTRY
 
 CAL_DIR = "calibration"
@@ -164,13 +164,15 @@ class Fitted:
     y: np.ndarray  # (m, len(labels)) their labels
 
 
-def _fit_one(run: LabeledRun, model: str, strategy: str, ident: dict, opts: CalibrateOptions, seed: int) -> Fitted:
+def _fit_one(
+    run: LabeledRun, model: str, strategy: str, ident: dict, opts: CalibrateOptions, seed: int, held: np.ndarray
+) -> Fitted:
+    """One model x strategy's policy, fitted on the rows not ``held`` (n,) bool."""
     m = run.manifest
     codes, unsafe = _scores(run, model, strategy)
     labels = ["unsafe", *run.codes]
     raw = np.column_stack([unsafe if unsafe is not None else np.zeros(len(codes)), codes])
     y = np.column_stack([run.y_true.any(axis=1), run.y_true])
-    held = held_out_rows(run.sample_ids.to_pylist(), seed, opts.folds)
     resolved = m.resolved.get(model, {})
     params = resolved.get("params", {}).get(strategy, {})
     objective = Objective.parse(opts.objective)
@@ -209,6 +211,7 @@ def _fit_one(run: LabeledRun, model: str, strategy: str, ident: dict, opts: Cali
             "rows": len(held),
             "fit_rows": int((~held).sum()),
             "held_out_rows": int(held.sum()),
+            "sample_ids_sha256": ids_sha256(run.sample_ids),  # which rows: `score --evaluate` finds them
             "partition_size": m.partition_size,  # `score` partitions alike: the same rows in the same batches
         },
         verdicts=verdicts,
@@ -287,10 +290,16 @@ def calibrate_run(path: Path, opts: CalibrateOptions, log: Log = lambda m: print
         )
     seed = int(run.manifest.params.get("seed", 0)) if opts.seed is None else opts.seed
     idents = {m: model_identity(run, m) for m in dict.fromkeys(m for m, _ in pairs)}
+    held = held_out_rows(run.sample_ids.to_pylist(), seed, opts.folds)
+    if not held.any() or held.all():
+        raise PolicyError(
+            f"--folds {opts.folds}: {run.path}'s {len(held)} rows leave {'no' if not held.any() else 'only'} "
+            "held-out rows; use fewer folds or more rows"
+        )
     fitted = []
     for model, strategy in pairs:
         log(f"calibrate: {model} / {strategy}")
-        fitted.append(_fit_one(run, model, strategy, idents[model], opts, seed))
+        fitted.append(_fit_one(run, model, strategy, idents[model], opts, seed, held))
     _write(run, fitted, opts)
     return fitted
 

@@ -236,10 +236,17 @@ class IdentityError(TokmargError, ValueError):
     """The loaded model or its rendered prompt is not the one a policy was fitted with; one line."""
 
 
-def check_identity(model: str, fp: ModelFingerprint, prompt_sha: str, expect: dict) -> None:
-    """Refuse (:class:`IdentityError`) a model whose files, or whose rendered prompt, differ from
-    ``expect`` (a policy's ``model_sha256``, ``model_files``, ``prompt_sha256`` and ``policy``)."""
+def check_identity(model: str, fp: ModelFingerprint, prompt_sha: str, expect: dict, dtype: str = "") -> None:
+    """Refuse (:class:`IdentityError`) a model whose files, rendered prompt or weights' precision
+    (``dtype``, e.g. ``bfloat16``) differ from ``expect`` (a policy's ``model_sha256``,
+    ``model_files``, ``prompt_sha256``, ``dtype`` and ``policy``)."""
     where = expect.get("policy", "the policy")
+    want = expect.get("dtype")
+    if want and dtype and dtype != want:
+        flag = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(want, want)
+        raise IdentityError(
+            f"model {model!r} loads in {dtype}, but {where} was fitted on its {want} scores: give --dtype {flag}"
+        )
     if fp.sha256 != expect["model_sha256"]:
         files = expect.get("model_files") or {}
         diffs = fp.differences(ModelFingerprint.of(files)) if files else []

@@ -51,6 +51,12 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
+def ids_sha256(ids: pa.Array | Sequence[str]) -> str:
+    """The sha256 of sample ids, one per line in order: which rows a run (or a policy) holds."""
+    values = ids.to_pylist() if isinstance(ids, pa.Array | pa.ChunkedArray) else list(ids)
+    return hashlib.sha256("\n".join(values).encode()).hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

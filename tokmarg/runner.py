@@ -9,7 +9,6 @@ continued only by the same job (same models, strategies, resolved parameters, sa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -28,7 +27,18 @@ from tokmarg.progress import Progress
 from tokmarg.prompts import BUILTIN_FORMATS
 from tokmarg.records import Manifest, PartitionResult
 from tokmarg.reduce import reduce_run
-from tokmarg.rundir import FORMAT, PartitionWriter, RunDir, RunError, file_sha256, now, plan, slug, write_table
+from tokmarg.rundir import (
+    FORMAT,
+    PartitionWriter,
+    RunDir,
+    RunError,
+    file_sha256,
+    ids_sha256,
+    now,
+    plan,
+    slug,
+    write_table,
+)  # fmt: skip
 from tokmarg.settings import EvalSettings
 from tokmarg.worker import Partition, WorkerSpec
 
@@ -88,7 +98,6 @@ PROMPTING = 2
 
 def job_of(cfg: Config, ds: Dataset, settings: EvalSettings) -> dict:
     """Everything that decides a run's results; a run directory continues only the same job."""
-    ids = "\n".join(ds.ids.to_pylist()).encode()
     return {
         "prompting": PROMPTING,
         "models": [m.name for m in cfg.models],
@@ -101,7 +110,7 @@ def job_of(cfg: Config, ds: Dataset, settings: EvalSettings) -> dict:
         "partition_size": settings.partition_size,
         "dataset_sha256": ds.sha256,
         "n_samples": len(ds),
-        "sample_ids_sha256": hashlib.sha256(ids).hexdigest(),
+        "sample_ids_sha256": ids_sha256(ds.ids),
         "resolved": {m.name: _resolved(m) for m in cfg.models},
         "prompt_sha256": {m.name: file_sha256(m.prompt) for m in cfg.models if m.prompt not in BUILTIN_FORMATS},
         # how the dataset file was read, where not the default (older runs have neither key)

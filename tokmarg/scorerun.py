@@ -33,7 +33,7 @@ from tokmarg.policy.fit import held_out_rows
 from tokmarg.policy.setup import expected_identity, policy_config
 from tokmarg.policy.tally import Tally
 from tokmarg.records import conform
-from tokmarg.rundir import RunDir, atomic_file, atomic_write, file_sha256, parquet_writer
+from tokmarg.rundir import RunDir, atomic_file, atomic_write, file_sha256, ids_sha256, parquet_writer
 from tokmarg.runner import job_of, read_dataset, scored_run
 from tokmarg.settings import EvalSettings
 from tokmarg.worker import Partition
@@ -168,6 +168,8 @@ def _write(
                     keep = member[rows]
                     if keep.any():
                         tally.add(raw[keep], y[keep], _take(applied, keep))
+    if at != len(ds):
+        raise PolicyError(f"{rd.path}: the partitions of {model} hold {at} rows, not the dataset's {len(ds)}")
     evaluation = _evaluation(tallies) if tallies else None
     if evaluation is not None:
         atomic_write(out / EVALUATION, evaluation.to_csv(index=False).encode())
@@ -193,10 +195,11 @@ def _take(a: Applied, keep: np.ndarray) -> Applied:
 
 
 def _tallies(policy: Policy, ds: Dataset) -> dict[str, tuple[Tally, np.ndarray]]:
-    """Every row; and, where ``ds`` is the file the policy was fitted on, its held-out rows."""
+    """Every row; and, where ``ds`` holds the very rows the policy was fitted on (same file, same
+    sample ids: not another --limit or --skip-invalid), its held-out rows."""
     t = float((policy.strategy.get("params") or {}).get("threshold", 0.5))
     out = {"all": (Tally(policy.labels, t), np.ones(len(ds), dtype=bool))}
-    if ds.sha256 == policy.dataset.get("sha256"):
+    if ds.sha256 == policy.dataset["sha256"] and ids_sha256(ds.ids) == policy.dataset.get("sample_ids_sha256"):
         c = policy.calibration
         held = held_out_rows(ds.ids.to_pylist(), int(c["seed"]), int(c["folds"]))
         out["held_out"] = (Tally(policy.labels, t), held)

@@ -107,7 +107,8 @@ class Worker:
         self.fingerprint = fingerprint_dir(model_source_dir(mc.name))  # what a policy file checks
         self.prompt_sha256 = prompt_sha256(self.prompt)
         if spec.expect is not None:
-            check_identity(mc.name, self.fingerprint, self.prompt_sha256, spec.expect)
+            dtype = str(self.lm.dtype).replace("torch.", "")
+            check_identity(mc.name, self.fingerprint, self.prompt_sha256, spec.expect, dtype)
         self.info, self.tokens = model_view(self.lm, spec.labels[1:])
         self.template_prefix = self._template_prefix()
         self.load_seconds = time.perf_counter() - t0

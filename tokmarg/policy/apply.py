@@ -29,7 +29,9 @@ class Applied:
 
 def apply_policy(policy: Policy, raw: np.ndarray) -> Applied:
     """Calibrate ``raw`` (n, L) with each verdict's map, flag at each verdict's threshold."""
-    raw = np.asarray(raw, dtype=np.float64).reshape(-1, len(policy.verdicts))
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim != 2 or raw.shape[1] != len(policy.verdicts):
+        raise ValueError(f"raw scores of shape {raw.shape}, not (n, {len(policy.verdicts)}) for the policy's verdicts")
     cal = np.empty_like(raw)
     for j, v in enumerate(policy.verdicts):
         cal[:, j] = v.map.apply(raw[:, j])

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from tokmarg.errors import TokmargError
@@ -30,6 +31,11 @@ from tokmarg.policy.maps import CalibrationMap
 FORMAT = "tokmarg-policy/1"
 SECTIONS = ("model", "prompt", "taxonomy", "strategy", "calibration", "dataset", "verdicts")
 FLAGGED_RULE = "unsafe at its threshold, or any code at its own"
+STRINGS = (  # (section, key) read as text where the policy is used
+    ("model", "id"), ("model", "sha256"), ("prompt", "sha256"), ("prompt", "format"), ("taxonomy", "name"),
+    ("strategy", "name"), ("strategy", "semantics"), ("dataset", "sha256"),
+)  # fmt: skip
+INTEGERS = (("calibration", "seed", 0), ("calibration", "folds", 2), ("dataset", "partition_size", 1))
 
 
 class PolicyError(TokmargError, ValueError):
@@ -63,7 +69,7 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Policy:
-    """A policy file's content; ``verdicts`` in order, ``unsafe`` first where the strategy scores it."""
+    """A policy file's content; ``verdicts`` in the order of the scores: ``unsafe``, then the codes."""
 
     header: dict  # tokmarg_version, created, run
     model: dict
@@ -121,9 +127,11 @@ def _plain(v: object) -> object:
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_plain(x) for x in v]
-    if isinstance(v, bool) or v is None or isinstance(v, str):
+    if isinstance(v, bool | np.bool_):
+        return bool(v)
+    if v is None or isinstance(v, str):
         return v
-    if isinstance(v, int):
+    if isinstance(v, int | np.integer):
         return int(v)
     return float(v)  # type: ignore[arg-type]
 
@@ -162,19 +170,29 @@ def read_policy(path: Path) -> Policy:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise PolicyError(f"{path}: format: expected {FORMAT!r}, got {got!r} (not a tokmarg policy file?)")
     sec = {k: _section(doc, k, path) for k in SECTIONS}
-    for key, field in (("model", "id"), ("model", "sha256"), ("prompt", "sha256"), ("strategy", "name")):
+    for key, field in STRINGS:
         if not isinstance(sec[key].get(field), str):
             raise PolicyError(f"{path}: {key}.{field}: missing or not a string")
+    for key, field, low in INTEGERS:
+        v = sec[key].get(field)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise PolicyError(f"{path}: {key}.{field}: expected a whole number >= {low}, got {v!r}")
+    files = sec["model"].get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise PolicyError(f"{path}: model.files: expected a mapping of file name to sha256")
+    if not isinstance(sec["strategy"].get("params", {}), dict):
+        raise PolicyError(f"{path}: strategy.params: expected a mapping")
     codes = sec["taxonomy"].get("codes")
     if not isinstance(codes, list) or not codes or not all(isinstance(c, str) for c in codes):
         raise PolicyError(f"{path}: taxonomy.codes: expected a list of codes")
-    verdicts = tuple(_verdict(str(lab), d, path) for lab, d in sec["verdicts"].items())
-    missing = [c for c in codes if c not in {v.label for v in verdicts}]
-    if missing:
-        raise PolicyError(f"{path}: verdicts: no verdict for code {missing[0]!r} of taxonomy.codes")
-    extra = [v.label for v in verdicts if v.label not in codes and v.label != "unsafe"]
+    given = {str(lab): _verdict(str(lab), d, path) for lab, d in sec["verdicts"].items()}
+    for label in ("unsafe", *codes):
+        if label not in given:
+            raise PolicyError(f"{path}: verdicts: no verdict for {label!r} (unsafe and every code of taxonomy.codes)")
+    extra = [lab for lab in given if lab not in codes and lab != "unsafe"]
     if extra:
         raise PolicyError(f"{path}: verdicts.{extra[0]}: not a code of taxonomy.codes")
+    verdicts = tuple(given[lab] for lab in ("unsafe", *codes))  # in the order scores are laid out
     header = {k: doc[k] for k in ("tokmarg_version", "created", "run") if k in doc}
     return Policy(
         header,

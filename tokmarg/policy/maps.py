@@ -11,6 +11,7 @@ a new score 0.25 maps to 0.5, 0.35 to 0.75 (linear between knots), 0.05 to 0 and
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ class CalibrationMap:
             return cls("isotonic", tuple(x), tuple(y))
         if kind == "platt":
             a, b, eps = (_numbers([d.get(k)], f"{where}.{k}")[0] for k in ("a", "b", "eps"))
+            if not 0.0 < eps < 0.5:
+                raise ValueError(f"{where}.eps: {eps!r} must be in (0, 0.5)")
             return cls("platt", a=a, b=b, eps=eps)
         raise ValueError(f"{where}.kind: {kind!r} is not identity, isotonic or platt")
 
@@ -76,6 +79,8 @@ IDENTITY = CalibrationMap("identity")
 def _numbers(v: object, where: str) -> list[float]:
     if not isinstance(v, list) or not all(isinstance(e, int | float) and not isinstance(e, bool) for e in v):
         raise ValueError(f"{where}: expected a list of numbers")
+    if not all(math.isfinite(e) for e in v):
+        raise ValueError(f"{where}: expected finite numbers")
     return [float(e) for e in v]
 
 

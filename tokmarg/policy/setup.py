@@ -80,5 +80,6 @@ def expected_identity(policy: Policy, policy_path: Path) -> dict:
         "model_sha256": policy.model["sha256"],
         "model_files": dict(policy.model.get("files") or {}),
         "prompt_sha256": policy.prompt["sha256"],
+        "dtype": str(policy.model.get("dtype") or ""),  # the scores' precision: bf16 and fp32 differ
         "policy": str(policy_path),
     }
