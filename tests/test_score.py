@@ -221,3 +221,29 @@ def test_rows_without_labels_parse_only_where_asked() -> None:
         parse_line({"prompt": "hi"}, 1, tax)
     with pytest.raises(ValueError, match="unknown code"):
         parse_line({"prompt": "hi", "labels": ["S99"]}, 1, tax, labeled=False)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_unlabeled_csv_and_parquet_score_as_the_jsonl_does(cal: dict, fmt: str) -> None:
+    cols = {"id": [], "prompt": [], "response": [], "conversation": []}
+    for r in cal["rows"]:
+        cols["id"].append(r["id"])
+        cols["prompt"].append(r.get("prompt"))
+        cols["response"].append(r.get("response"))
+        cols["conversation"].append(json.dumps(r["conversation"]) if "conversation" in r else None)
+    frame = pd.DataFrame(cols)
+    data = cal["d"] / f"unlabeled.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(data, index=False)
+    else:
+        frame.to_parquet(data, index=False)
+    policy = cal["policies"]["token_probability"]
+    jsonl_out = cal["d"] / "scores-cal-token_probability"
+    if not jsonl_out.exists():
+        assert _score(policy, cal["unlabeled"], jsonl_out).exit_code == 0
+    out = cal["d"] / f"scores-{fmt}"
+    res = _score(policy, data, out)
+    assert res.exit_code == 0, res.output
+    assert (out / "scores.jsonl").read_text(encoding="utf-8") == (jsonl_out / "scores.jsonl").read_text(
+        encoding="utf-8"
+    )
